@@ -1,0 +1,209 @@
+"""The training loop: one explicit function, read top to bottom.
+
+Each optimizer step draws ``batch_size * grad_accumulation_steps`` samples, their noise and
+their noise levels from the run's one generator, then runs the micro-batches, each loss
+scaled by ``1 / grad_accumulation_steps``, and steps the optimizer once. Because all draws of
+a step happen before it is split into micro-batches, 4 samples x 1 micro-batch and
+2 x 2 train on exactly the same samples, noise and timesteps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..lora import ADAPTERS, Adapter
+from ..lora.inject import ForwardPatches, adapter_patches, create_adapters, lora_state_dict
+from ..losses import LOSSES, per_sample_loss
+from ..optimizers import OPTIMIZERS
+from .batching import EpochSampler
+from .checkpointing import checkpoint_blocks, checkpointed
+from .config import DTYPES, TrainConfig
+from .task import DiffusionTask
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int, float], None]
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or Inf; nothing of that step was applied."""
+
+
+@dataclass
+class TrainResult:
+    lora: dict[str, torch.Tensor]  # the LORA_MODEL state dict
+    losses: list[float]  # one value per optimizer step: the mean of its micro-batches
+    adapters: dict[str, Adapter]
+    batch_size: int  # the batch size actually used
+
+
+def check_config(config: TrainConfig) -> None:
+    for name, registry in (
+        ("optimizer", OPTIMIZERS), ("loss_function", LOSSES), ("algorithm", ADAPTERS),
+    ):
+        if getattr(config, name) not in registry:
+            raise ValueError(
+                f"{name}={getattr(config, name)!r} is not available; choose one of "
+                f"{', '.join(registry)}.")
+
+
+def check_latents(latents: torch.Tensor) -> None:
+    if not isinstance(latents, torch.Tensor) or latents.ndim < 3:
+        shape = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(
+            f"latents must be a tensor [N, C, ...] with a batch dimension; got {shape}. "
+            "Connect a LATENT from VAE Encode or Load Latent.")
+    if latents.shape[0] == 0:
+        raise ValueError("latents hold 0 samples; connect a LATENT with at least one image.")
+    if not latents.is_floating_point():
+        raise ValueError(f"latents have dtype {latents.dtype}; a float tensor is expected.")
+    if not torch.isfinite(latents).all():
+        bad = (~torch.isfinite(latents)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"latents contain NaN or Inf (samples {bad[:8]}); re-encode those images.")
+
+
+@contextlib.contextmanager
+def frozen(network: nn.Module) -> Iterator[None]:
+    """No base-weight gradients during the run; every ``requires_grad`` flag restored after."""
+    flags = [(p, p.requires_grad) for p in network.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+
+
+def sample_losses(
+    task: DiffusionTask,
+    dataset: torch.Tensor,
+    samples: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    config: TrainConfig,
+) -> torch.Tensor:
+    """The loss of each of ``samples`` noised with ``noise`` at ``sigmas`` (one micro-batch)."""
+    device = task.device
+    x0 = dataset[samples].to(device)
+    eps, sigma = noise.to(device), sigmas.to(device)
+    x_t = task.add_noise(x0, eps, sigma)
+    bf16 = config.training_dtype == "bf16"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        prediction = task.predict(x_t, sigma, samples)
+    target = task.target(x0, eps, sigma, x_t)
+    return per_sample_loss(config.loss_function, prediction, target)
+
+
+def evaluate(
+    task: DiffusionTask,
+    latents: torch.Tensor,
+    config: TrainConfig,
+    adapters: Mapping[str, Adapter] | None = None,
+    *,
+    draws: int = 64,
+    seed: int = 1234,
+) -> float:
+    """Mean loss over fixed (sample, noise, sigma) draws, with ``adapters`` applied if given.
+
+    The draws come from their own generator, so before/after comparisons see the same ones.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    dataset = task.prepare_latents(latents).float().cpu()
+    samples = torch.arange(draws) % dataset.shape[0]
+    noise = torch.randn(dataset[samples].shape, generator=generator)
+    sigmas = task.sample_sigmas(draws, generator)
+    patches = adapter_patches(task.network, adapters or {})
+    total = 0.0
+    with torch.no_grad(), task.session(ForwardPatches(patches)):
+        for start in range(0, draws, 8):
+            part = slice(start, start + 8)
+            total += float(sample_losses(
+                task, dataset, samples[part], noise[part], sigmas[part], config).sum())
+    return total / draws
+
+
+def train(
+    task: DiffusionTask,
+    latents: torch.Tensor,
+    config: TrainConfig,
+    *,
+    existing: Mapping[str, Adapter] | None = None,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Train adapters on ``latents`` and return the LoRA, the losses and the adapters."""
+    check_config(config)
+    check_latents(latents)
+    generator = torch.Generator().manual_seed(config.seed)
+    lora_dtype = DTYPES[config.lora_dtype]
+    if existing is None:
+        adapters = create_adapters(
+            task.network, config.algorithm, config.rank, config.alpha, lora_dtype, generator)
+    else:
+        adapters = dict(existing)
+        for adapter in adapters.values():
+            adapter.compute_dtype = lora_dtype
+    for adapter in adapters.values():
+        adapter.to(task.device)
+    params = [p for adapter in adapters.values() for p in adapter.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = OPTIMIZERS[config.optimizer](params, lr=config.learning_rate)
+
+    count = latents.shape[0]
+    batch_size = config.batch_size
+    if batch_size > count:
+        log.warning(
+            "batch_size %d is larger than the %d latents; training with batch_size %d.",
+            batch_size, count, count)
+        batch_size = count
+    accumulation = config.grad_accumulation_steps
+    per_step = batch_size * accumulation
+    sampler = EpochSampler(count, generator)
+    dataset = task.prepare_latents(latents).float().cpu()
+
+    patches = adapter_patches(task.network, adapters)
+    if config.gradient_checkpointing:
+        patches += [(block, checkpointed) for block in checkpoint_blocks(task.network)]
+    losses: list[float] = []
+    progress = tqdm(total=config.steps, desc="Train LoRA", unit="step", mininterval=1.0)
+    with torch.inference_mode(False), torch.enable_grad(), frozen(task.network), \
+            task.session(ForwardPatches(patches)), progress:
+        for step in range(1, config.steps + 1):
+            samples = sampler.take(per_step)
+            noise = torch.randn(dataset[samples].shape, generator=generator)
+            sigmas = task.sample_sigmas(per_step, generator)
+            step_loss = torch.zeros((), device=task.device)
+            for start in range(0, per_step, batch_size):
+                part = slice(start, start + batch_size)
+                loss = sample_losses(
+                    task, dataset, samples[part], noise[part], sigmas[part], config).mean()
+                (loss / accumulation).backward()
+                step_loss += loss.detach() / accumulation
+            value = float(step_loss)
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"The loss became {value} at step {step} of {config.steps}; training "
+                    f"stopped and nothing was applied. Lower the learning rate (now "
+                    f"{config.learning_rate:g}) or use training_dtype fp32.")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(value)
+            progress.set_postfix(loss=f"{value:.4f}", refresh=False)
+            progress.update(1)
+            if on_step is not None:
+                on_step(step, config.steps, value)
+
+    for p in params:
+        p.requires_grad_(False)
+    return TrainResult(lora_state_dict(adapters, task.key_prefix), losses, adapters, batch_size)
