@@ -73,15 +73,19 @@ def check_latents(latents: torch.Tensor) -> None:
 
 @contextlib.contextmanager
 def frozen(network: nn.Module) -> Iterator[None]:
-    """No base-weight gradients during the run; every ``requires_grad`` flag restored after."""
-    flags = [(p, p.requires_grad) for p in network.parameters()]
+    """No base-weight gradients during the run; every ``requires_grad`` flag restored after.
+
+    Parameters created under ``torch.inference_mode`` (ComfyUI loads models there) can only
+    get their flag back inside inference mode, so they are restored there.
+    """
+    flags = [(p, p.requires_grad) for p in network.parameters() if p.requires_grad]
     for p, _ in flags:
         p.requires_grad_(False)
     try:
         yield
     finally:
         for p, flag in flags:
-            if p.requires_grad != flag:
+            with torch.inference_mode(p.is_inference()):
                 p.requires_grad_(flag)
 
 
@@ -144,6 +148,11 @@ def train(
     """Train adapters on ``latents`` and return the LoRA, the losses and the adapters."""
     check_config(config)
     check_latents(latents)
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(task, latents.clone(), config, existing, on_step)
+
+
+def _train(task, latents, config, existing, on_step) -> TrainResult:
     generator = torch.Generator().manual_seed(config.seed)
     lora_dtype = DTYPES[config.lora_dtype]
     if existing is None:
@@ -177,8 +186,7 @@ def train(
         patches += [(block, checkpointed) for block in checkpoint_blocks(task.network)]
     losses: list[float] = []
     progress = tqdm(total=config.steps, desc="Train LoRA", unit="step", mininterval=1.0)
-    with torch.inference_mode(False), torch.enable_grad(), frozen(task.network), \
-            task.session(ForwardPatches(patches)), progress:
+    with frozen(task.network), task.session(ForwardPatches(patches)), progress:
         for step in range(1, config.steps + 1):
             samples = sampler.take(per_step)
             noise = torch.randn(dataset[samples].shape, generator=generator)

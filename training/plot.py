@@ -158,8 +158,9 @@ def render_loss_plot(
             for (i0, v0), (i1, v1) in zip(pts, pts[1:]):
                 if math.isfinite(v0) and math.isfinite(v1):
                     _line(img, to_px(i0, v0), to_px(i1, v1), col, lw)
-            for i, v in pts:  # isolated points (a single value, or between gaps) as dots
-                if math.isfinite(v):
+            for k, (i, v) in enumerate(pts):  # isolated points (a lone value, between gaps)
+                neighbours = [pts[j][1] for j in (k - 1, k + 1) if 0 <= j < len(pts)]
+                if math.isfinite(v) and not any(math.isfinite(u) for u in neighbours):
                     x, y = to_px(i, v)
                     img[max(0, int(y) - 2):int(y) + 3, max(0, int(x) - 2):int(x) + 3] = col
         _text(img, left + pw - 120, top + 6 + 12 * n, name[:18], color)

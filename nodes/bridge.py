@@ -1,0 +1,215 @@
+"""The ModelPatcher bridge: a :class:`training.task.DiffusionTask` over a ComfyUI MODEL.
+
+Everything here reads ComfyUI's own machinery, so every family ComfyUI loads trains the
+same way:
+
+- the clone's ``model_sampling`` gives the noise levels (its ``sigmas`` table, drawn
+  uniformly), the noising (``noise_scaling``) and the prediction type (eps, v, flow; any
+  other parameterisation gets its target by inverting ``calculate_denoised``);
+- conditioning goes through ``convert_cond`` + ``encode_model_conds`` (the samplers' path,
+  so ``pooled_output``, ``guidance``, size conditioning... reach the model as in sampling)
+  once per distinct conditioning, and each sample of a batch gets its own;
+- the network runs through ``BaseModel.apply_model``; its raw output (the native
+  prediction) is read from ``diffusion_model.forward`` by a forward patch;
+- the adapters' forward patches are installed as a ``PatcherInjection`` on the clone, so
+  ComfyUI applies them when it loads the clone and removes them when it detaches it; the
+  run always detaches the clone at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.patcher_extension
+import comfy.sampler_helpers
+import comfy.samplers
+
+from ..lora.inject import ForwardPatches
+from ..losses import TARGETS, target_by_inversion
+
+INJECTION_KEY = "lora_lab_training"
+
+
+def prediction_kind(model_sampling) -> str | None:
+    """"eps", "v" or "flow" for the parameterisations with a target formula, else None."""
+    ms = comfy.model_sampling
+    if isinstance(model_sampling, ms.CONST):
+        return "flow"
+    if isinstance(model_sampling, (ms.X0, ms.EDM)) or not isinstance(model_sampling, ms.EPS):
+        return None
+    if isinstance(model_sampling, ms.V_PREDICTION):
+        return "v" if float(getattr(model_sampling, "sigma_data", 1.0)) == 1.0 else None
+    return "eps"
+
+
+def expand_conditioning(positive, count: int) -> list:
+    """One conditioning entry per latent: a single one is repeated."""
+    if not isinstance(positive, (list, tuple)) or not positive:
+        raise ValueError(
+            "positive must be a CONDITIONING (a list of [tensor, dict] pairs) with at least one "
+            "entry; connect a CLIP Text Encode or another conditioning node.")
+    for i, entry in enumerate(positive):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2
+                and isinstance(entry[0], torch.Tensor) and isinstance(entry[1], dict)):
+            raise ValueError(
+                f"positive[{i}] is not a [tensor, dict] conditioning pair; connect a CONDITIONING.")
+    if len(positive) == 1:
+        return [positive[0]] * count
+    if len(positive) != count:
+        raise ValueError(
+            f"positive holds {len(positive)} conditionings but latents hold {count} samples; "
+            "give one conditioning (used for every latent) or exactly one per latent.")
+    return list(positive)
+
+
+class ComfyTask:
+    """Train on a ComfyUI ModelPatcher ``patcher`` (a clone the caller owns)."""
+
+    key_prefix = "diffusion_model."
+
+    def __init__(self, patcher, positive, latents: torch.Tensor) -> None:
+        self.patcher = patcher
+        self.base = patcher.model
+        self.network = self.base.diffusion_model
+        self.sampling = self.base.model_sampling
+        self.prediction = prediction_kind(self.sampling)
+        self.device = torch.device(patcher.load_device)
+        table = getattr(self.sampling, "sigmas", None)
+        self.sigma_table = table.detach().float().cpu().clone() if table is not None else None
+        self._outputs: list[torch.Tensor] = []
+        self.sample_conds = self._encode_conditioning(positive, latents)
+        self._copy_inference_weights()
+
+    def _copy_inference_weights(self) -> None:
+        """Give autograd normal tensors where the model's weights are inference tensors.
+
+        ComfyUI loads models under ``torch.inference_mode``, and autograd cannot save such
+        tensors for backward. An identity weight wrapper on the clone makes ComfyUI's ops
+        hand each layer a per-forward copy of its weight (what ``cast_bias_weight`` does for
+        any weight function), transient and scoped to this clone.
+        """
+        for name, module in self.base.named_modules():
+            if not hasattr(module, "comfy_cast_weights"):
+                continue
+            for attr in ("weight", "bias"):
+                tensor = getattr(module, attr, None)
+                if isinstance(tensor, torch.Tensor) and tensor.is_inference():
+                    self.patcher.add_weight_wrapper(f"{name}.{attr}", _normal_copy)
+
+    # -- conditioning -----------------------------------------------------------------------
+    def _encode_conditioning(self, positive, latents: torch.Tensor) -> list[dict]:
+        entries = expand_conditioning(positive, latents.shape[0])
+        encoded: dict[int, dict] = {}
+        per_sample = []
+        for index, entry in enumerate(entries):
+            key = id(entry)
+            if key not in encoded:
+                [cond] = comfy.sampler_helpers.convert_cond([[entry[0].clone(), dict(entry[1])]])
+                shape_like = latents[index:index + 1]
+                [cond] = comfy.samplers.encode_model_conds(
+                    self.base.extra_conds, [cond], torch.zeros_like(shape_like), self.device,
+                    "positive", latent_image=self.base.process_latent_in(shape_like.clone()))
+                encoded[key] = {
+                    name: value.process_cond(batch_size=1, area=None)
+                    for name, value in cond["model_conds"].items()
+                }
+            per_sample.append(encoded[key])
+        return per_sample
+
+    # -- DiffusionTask --------------------------------------------------------------------------
+    def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.base.process_latent_in(latents.clone())
+
+    def sample_sigmas(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        if self.sigma_table is not None and len(self.sigma_table) > 1:
+            index = torch.randint(0, len(self.sigma_table), (count,), generator=generator)
+            return self.sigma_table[index]
+        percent = torch.rand(count, generator=generator).clamp(1e-3, 1 - 1e-3)
+        return torch.tensor([float(self.sampling.percent_to_sigma(float(p))) for p in percent])
+
+    def add_noise(self, x0, noise, sigma):
+        return self.sampling.noise_scaling(sigma, noise, x0)
+
+    def target(self, x0, noise, sigma, x_t):
+        if self.prediction is not None:
+            return TARGETS[self.prediction](x0, noise, sigma)
+        return target_by_inversion(self.sampling.calculate_denoised, sigma, x_t, x0)
+
+    def predict(self, x_t, sigma, samples):
+        kwargs = comfy.samplers.cond_cat([self.sample_conds[int(i)] for i in samples])
+        options = dict(self.patcher.model_options.get("transformer_options", {}))
+        options["sigmas"] = sigma
+        self.base.apply_model(x_t, sigma, transformer_options=options, **kwargs)
+        return self._outputs.pop()
+
+    def _record_output(self, forward):
+        def run(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            self._outputs.append(out)
+            return out
+
+        return run
+
+    @contextlib.contextmanager
+    def session(self, patches: ForwardPatches) -> Iterator[None]:
+        patches.patches.append((self.network, self._record_output))
+        injection = comfy.patcher_extension.PatcherInjection(
+            inject=lambda _: patches.apply(), eject=lambda _: patches.remove())
+        self.patcher.set_injections(INJECTION_KEY, [injection])
+        try:
+            comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+            self.patcher.inject_model()
+            yield
+        finally:
+            release(self.patcher)
+            self.patcher.remove_injections(INJECTION_KEY)
+            patches.remove()
+            self._outputs.clear()
+
+
+def _normal_copy(weight: torch.Tensor) -> torch.Tensor:
+    return weight  # ComfyUI already copied it because a weight function is present
+
+
+def release(patcher) -> None:
+    """Unload ``patcher`` and leave the shared modules as an unloaded model has them.
+
+    Ejects the injections, restores any patched weights, and clears the per-layer weight
+    functions ComfyUI attached for this clone (the next clone to load attaches its own).
+    """
+    loaded = comfy.model_management.current_loaded_models
+    for i in reversed(range(len(loaded))):
+        if loaded[i].model is patcher:
+            entry = loaded.pop(i)
+            if entry.model_finalizer is not None:
+                entry.model_finalizer.detach()
+    patcher.detach(unpatch_all=True)
+    for module in patcher.model.modules():
+        comfy.model_patcher.wipe_lowvram_weight(module)
+
+
+def check_latents_fit(patcher, samples: torch.Tensor) -> None:
+    """Latent channels and dimensions the model expects, checked before anything runs."""
+    from ..training.loop import check_latents
+
+    check_latents(samples)
+    latent_format = patcher.model.latent_format
+    channels = getattr(latent_format, "latent_channels", None)
+    dims = getattr(latent_format, "latent_dimensions", 2)
+    if samples.ndim != dims + 2:
+        raise ValueError(
+            f"latents have shape {list(samples.shape)} ({samples.ndim}-D) but this model "
+            f"({type(patcher.model).__name__}) takes {dims + 2}-D latents "
+            f"{'[N, C, T, H, W]' if dims == 3 else '[N, C, H, W]'}; encode the images with "
+            "this model's VAE.")
+    if channels is not None and samples.shape[1] != channels:
+        raise ValueError(
+            f"latents have {samples.shape[1]} channels but this model "
+            f"({type(patcher.model).__name__}) uses {channels}; encode the images with this "
+            "model's VAE.")

@@ -1,0 +1,109 @@
+"""Train LoRA: validate and convert the UI values, call ``training.train``, wrap the result."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from ..lora.io import adapters_from_state_dict, read_lora_file, steps_of
+from ..training.config import DTYPES, TrainConfig
+from ..training.loop import train
+from .bridge import ComfyTask, check_latents_fit
+from .spec import NONE_LORA, TRAIN_INPUTS, TRAIN_OUTPUTS, tooltip
+
+log = logging.getLogger(__name__)
+
+IO_TYPES = {
+    "MODEL": io.Model, "LATENT": io.Latent, "CONDITIONING": io.Conditioning, "INT": io.Int,
+    "FLOAT": io.Float, "COMBO": io.Combo, "BOOLEAN": io.Boolean, "LORA_MODEL": io.LoraModel,
+    "LOSS_MAP": io.LossMap,
+}
+
+
+def lora_files() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def build_input(name: str, kind: str, options: dict):
+    options = dict(options)
+    options["tooltip"] = tooltip(name, options)
+    if name == "existing_lora":
+        options["options"] = [NONE_LORA] + lora_files()
+    if name == "seed":
+        options["control_after_generate"] = True
+    return IO_TYPES[kind].Input(name, **options)
+
+
+def load_existing(name: str, network: torch.nn.Module, prefix: str, lora_dtype: torch.dtype):
+    """Adapters and steps of the LoRA file ``name`` in the loras folder."""
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise ValueError(
+            f"existing_lora {name!r} is not in the loras folder; refresh the node and pick a "
+            "listed file, or [None] for a new LoRA.")
+    tensors, metadata = read_lora_file(path)
+    adapters = adapters_from_state_dict(network, tensors, prefix, lora_dtype)
+    return adapters, steps_of(metadata, os.path.basename(path))
+
+
+class TrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoRALab_TrainLoRA",
+            display_name="Train LoRA",
+            category="LoRA Lab",
+            description=(
+                "Train a LoRA on a diffusion model from latents and conditioning. The loss is "
+                "taken in the model's native prediction space (noise, v or flow velocity)."),
+            inputs=[build_input(name, kind, options) for name, kind, options in TRAIN_INPUTS],
+            outputs=[
+                IO_TYPES[kind].Output(id, display_name=display, tooltip=tip)
+                for id, kind, display, tip in TRAIN_OUTPUTS
+            ],
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(
+        cls, model, latents, positive, batch_size, grad_accumulation_steps, steps,
+        learning_rate, rank, optimizer, loss_function, seed, training_dtype, lora_dtype,
+        algorithm, gradient_checkpointing, existing_lora,
+    ) -> io.NodeOutput:
+        config = TrainConfig(
+            batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps, steps=steps,
+            learning_rate=learning_rate, rank=rank, optimizer=optimizer,
+            loss_function=loss_function, seed=seed, training_dtype=training_dtype,
+            lora_dtype=lora_dtype, algorithm=algorithm,
+            gradient_checkpointing=gradient_checkpointing)
+        if not isinstance(latents, dict) or not isinstance(latents.get("samples"), torch.Tensor):
+            raise ValueError(
+                "latents must be a LATENT (a dict with a 'samples' tensor); connect VAE Encode, "
+                "Load Latent or Load Image Dataset.")
+        samples = latents["samples"]
+        check_latents_fit(model, samples)
+        progress = comfy.utils.ProgressBar(steps)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update_absolute(step, total)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+        with torch.inference_mode(False):
+            patcher = model.clone()
+            task = ComfyTask(patcher, positive, samples)
+            existing, previous_steps = None, 0
+            if existing_lora != NONE_LORA:
+                existing, previous_steps = load_existing(
+                    existing_lora, task.network, task.key_prefix, DTYPES[config.lora_dtype])
+            result = train(task, samples, config, existing=existing, on_step=on_step)
+        trained, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
+        return io.NodeOutput(
+            trained, result.lora, {"loss": result.losses}, steps + previous_steps)

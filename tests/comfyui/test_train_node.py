@@ -1,0 +1,136 @@
+"""Train LoRA inside real ComfyUI: tiny SD1.x (eps) and SD3 (flow) models from ComfyUI's own
+detection, outputs plugged into ComfyUI's core nodes, and the input model left untouched."""
+
+import asyncio
+import importlib.util
+import logging
+import os
+import sys
+
+import pytest
+import torch
+
+import tiny_models
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The pack imported as ComfyUI imports a custom node: by its folder, as a package."""
+    name = "lora_lab_under_test"
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(REPO, "__init__.py"), submodule_search_locations=[REPO])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def train_node(pack):
+    extension = asyncio.run(pack.comfy_entrypoint())
+    nodes = {n.define_schema().node_id: n for n in asyncio.run(extension.get_node_list())}
+    return nodes["LoRALab_TrainLoRA"]
+
+
+FAMILIES = {
+    "sd15": (tiny_models.tiny_sd15, tiny_models.sd15_cond, (3, 4, 8, 8)),
+    "sd3": (tiny_models.tiny_sd3, tiny_models.sd3_cond, (3, 16, 16, 16)),
+}
+
+
+def run_train(node, model, latents, positive, **overrides):
+    values = dict(batch_size=2, grad_accumulation_steps=1, steps=4, learning_rate=1e-3, rank=4,
+                  optimizer="AdamW", loss_function="MSE", seed=0, training_dtype="fp32",
+                  lora_dtype="fp32", algorithm="LoRA", gradient_checkpointing=True,
+                  existing_lora="[None]")
+    values.update(overrides)
+    with torch.inference_mode():  # ComfyUI executes nodes under inference mode
+        return node.execute(model, {"samples": latents}, positive, **values).result
+
+
+def model_output(patcher, latents, positive, sigma=2.0):
+    """The denoised output of a ModelPatcher as a sampler would compute it."""
+    import comfy.model_management
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([patcher])
+        base = patcher.model
+        [cond] = comfy.sampler_helpers.convert_cond(positive[:1])
+        [cond] = comfy.samplers.encode_model_conds(
+            base.extra_conds, [cond], latents, torch.device("cpu"), "positive")
+        kwargs = comfy.samplers.cond_cat([
+            {k: v.process_cond(batch_size=latents.shape[0], area=None)
+             for k, v in cond["model_conds"].items()}])
+        sig = torch.full((latents.shape[0],), sigma)
+        return base.apply_model(latents, sig, **kwargs).clone()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_train_plugs_into_core_and_leaves_input_untouched(family, train_node, comfy, tmp_path):
+    build, cond, shape = FAMILIES[family]
+    model = build(seed=1)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    positive = cond(seed=3)
+    probe = torch.randn(shape[1:], generator=torch.Generator().manual_seed(5))[None]
+    before = model_output(model, probe, positive)
+
+    trained, lora, loss, steps = run_train(train_node, model, latents, positive)
+
+    after_train = model_output(model, probe, positive)
+    assert torch.equal(before, after_train), "training changed the input model"
+    assert steps == 4 and len(loss["loss"]) == 4
+    assert all(k.startswith("diffusion_model.") for k in lora)
+    with_lora = model_output(trained, probe, positive)
+    assert not torch.equal(with_lora, before), "model_with_lora is the base model"
+    assert torch.equal(model_output(model, probe, positive), before), "model_with_lora leaked"
+
+    # core: Save LoRA Weights -> file -> LoraLoaderModelOnly reproduces model_with_lora
+    import comfy.utils
+    import nodes
+
+    path = tmp_path / "trained.safetensors"
+    comfy.utils.save_torch_file(lora, str(path))
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        loaded = comfy.sd.load_lora_for_models(
+            model, None, comfy.utils.load_torch_file(str(path), safe_load=True), 1.0, 0)[0]
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert not [r for r in records if "not loaded" in r.lower()], records
+    reloaded = model_output(loaded, probe, positive)
+    scale = with_lora.abs().max()
+    assert (reloaded - with_lora).abs().max() <= 1e-4 * scale
+    # core LossGraphNode accepts our LOSS_MAP
+    import folder_paths
+
+    os.makedirs(folder_paths.get_temp_directory(), exist_ok=True)
+    core_plot = nodes.NODE_CLASS_MAPPINGS["LossGraphNode"]
+    with torch.inference_mode():
+        getattr(core_plot(), core_plot.FUNCTION)(loss, "lora_lab_test")
+
+
+def test_same_seed_same_lora_and_loss_drops(train_node, comfy):
+    model = tiny_models.tiny_sd15(seed=2)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    positive = tiny_models.sd15_cond(seed=4)
+    torch.manual_seed(123)
+    _, lora_a, loss_a, _ = run_train(train_node, model, latents, positive, steps=3)
+    torch.manual_seed(999)
+    _, lora_b, loss_b, _ = run_train(train_node, model, latents, positive, steps=3)
+    assert loss_a == loss_b
+    assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+
+
+def test_conditioning_count_mismatch_is_value_error(train_node, comfy):
+    model = tiny_models.tiny_sd15(seed=2)
+    latents = torch.randn(3, 4, 8, 8)
+    positive = tiny_models.sd15_cond(seed=1) + tiny_models.sd15_cond(seed=2)
+    with pytest.raises(ValueError, match="2 conditionings but latents hold 3"):
+        run_train(train_node, model, latents, positive)
