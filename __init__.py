@@ -10,6 +10,6 @@ try:
 except ImportError:
     pass
 else:
-    from .nodes import comfy_entrypoint  # noqa: F401
+    from .nodes.extension import comfy_entrypoint  # noqa: F401
 
 __version__ = "0.1.0"

@@ -1,16 +1,2 @@
-"""Everything that imports ComfyUI: the node schemas and the ModelPatcher bridge."""
-
-from comfy_api.latest import ComfyExtension, io
-
-from .train import TrainLoRA
-
-NODES: list[type[io.ComfyNode]] = [TrainLoRA]
-
-
-class LoRALabExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return NODES
-
-
-async def comfy_entrypoint() -> LoRALabExtension:
-    return LoRALabExtension()
+"""Everything that imports ComfyUI: node schemas (``train``, ...), their registration
+(``extension``) and the ModelPatcher bridge (``bridge``). ``spec`` is plain data."""
