@@ -5,11 +5,11 @@ it does nothing, so ``lora``, ``training``, ``losses`` and ``optimizers`` import
 PyTorch.
 """
 
+__version__ = "0.1.0"
+
 try:
     import comfy.utils  # noqa: F401  (only present inside ComfyUI)
 except ImportError:
     pass
 else:
     from .nodes.extension import comfy_entrypoint  # noqa: F401
-
-__version__ = "0.1.0"

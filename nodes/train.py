@@ -13,7 +13,9 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
+from .. import __version__
 from ..lora.io import adapters_from_state_dict, read_lora_file, steps_of
+from ..lora.weights import LoraWeights
 from ..training.config import DTYPES, TrainConfig
 from ..training.loop import train
 from .bridge import ComfyTask, check_latents_fit
@@ -104,6 +106,29 @@ class TrainLoRA(io.ComfyNode):
                 existing, previous_steps = load_existing(
                     existing_lora, task.network, task.key_prefix, DTYPES[config.lora_dtype])
             result = train(task, samples, config, existing=existing, on_step=on_step)
-        trained, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
-        return io.NodeOutput(
-            trained, result.lora, {"loss": result.losses}, steps + previous_steps)
+        total_steps = steps + previous_steps
+        lora = LoraWeights(result.lora, training_metadata(model, config, result, total_steps))
+        trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
+        return io.NodeOutput(trained, lora, {"loss": result.losses}, total_steps)
+
+
+def training_metadata(model, config: TrainConfig, result, total_steps: int) -> dict[str, str]:
+    """What the Save LoRA node writes into the file header (``lora_lab.*`` keys)."""
+    adapter = next(iter(result.adapters.values()))
+    model_config = getattr(model.model, "model_config", None)
+    return {
+        "lora_lab.steps": total_steps,
+        "lora_lab.algorithm": type(adapter).NAME,
+        "lora_lab.rank": getattr(adapter, "rank", config.rank),
+        "lora_lab.alpha": getattr(adapter, "alpha", config.alpha),
+        "lora_lab.learning_rate": config.learning_rate,
+        "lora_lab.optimizer": config.optimizer,
+        "lora_lab.loss_function": config.loss_function,
+        "lora_lab.seed": config.seed,
+        "lora_lab.batch_size": result.batch_size,
+        "lora_lab.grad_accumulation_steps": config.grad_accumulation_steps,
+        "lora_lab.training_dtype": config.training_dtype,
+        "lora_lab.lora_dtype": config.lora_dtype,
+        "lora_lab.base_model": type(model_config).__name__ if model_config else type(model.model).__name__,
+        "lora_lab.version": __version__,
+    }

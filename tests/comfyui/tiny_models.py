@@ -132,3 +132,31 @@ def sd3_cond(batch=1, tokens=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(batch, tokens, SD3_CONTEXT_DIM, generator=g),
              {"pooled_output": torch.randn(batch, SD3_POOLED_DIM, generator=g)}]]
+
+
+SD20_CONTEXT_DIM = 1024
+
+
+def sd20_unet_config():
+    """Tiny SD2.x-style UNet config: like the small ``sd15_unet_config`` but with context
+    dim 1024 and linear proj_in/proj_out, which ComfyUI's detection maps to
+    ``supported_models.SD20`` (EPS, as the tiny net has no ``output_blocks.11``). Its
+    cross-attention accepts ``LotusConditioning``'s [1, 2, 1024] conditioning."""
+    cfg = sd15_unet_config(medium=False)
+    cfg.update(dict(context_dim=SD20_CONTEXT_DIM, use_linear_in_transformer=True,
+                    num_heads=-1, num_head_channels=64))
+    return cfg
+
+
+def unet_state_dict(config, seed=0):
+    """Seeded random raw state dict (no key prefix) of an ``openaimodel.UNetModel`` built
+    from ``config``; save it with safetensors to get a file UNETLoader can load."""
+    import torch
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    with torch.device("meta"):
+        net = UNetModel(**config, operations=comfy.ops.disable_weight_init)
+    sd = _fill_state_dict(net, seed)
+    del net
+    return sd
