@@ -1,0 +1,399 @@
+"""Time per optimizer step, step/forward ratio and peak memory of LoRA Lab training.
+
+What is measured, for every cell of the matrix {bf16, fp32} x {checkpointing off, on}
+(batch 1, grad accumulation 1, rank 8, alpha 1, AdamW, MSE, lora_dtype bf16, 4 latents):
+
+- **step ms**: the median wall time of one optimizer step. ``train()`` runs
+  ``warmup + steps`` steps (default 3 + 10); a timestamp is taken in ``on_step`` after every
+  step (after ``torch.cuda.synchronize()`` on CUDA) and the step times are the differences of
+  consecutive timestamps, warm-up steps discarded.
+- **forward ms**: the median of ``--forwards`` (default 10, after 2 warm-up) no-grad forwards
+  of the same batch (batch 1: one noised latent, its sigma and its conditioning, drawn as the
+  loop draws them) through ``task.predict`` under ``torch.no_grad()`` and the same autocast
+  as training (bf16 autocast for training_dtype bf16, none for fp32), with no adapters
+  installed: the plain network forward a training step is compared with.
+- **fwd+LoRA ms**: the same forward with the trained adapters installed (the forward half of
+  a training step, without autograd).
+- **step/fwd**: step ms / forward ms. A frozen base model needs only input gradients, so a
+  step is ideally about one forward + one backward (~2x forward) plus the adapters and the
+  optimizer; with checkpointing one more forward is recomputed.
+- **peak MiB**:
+  - ``--device cpu``: the peak *RSS growth* of the process during ``train()``: the kernel's
+    high-water mark ``VmHWM`` is reset to the current RSS (``echo 5 > /proc/self/clear_refs``)
+    right before ``train()``, and ``VmHWM - VmRSS_before`` is read right after. It counts
+    everything training adds to the resident memory (activations, adapters, optimizer state,
+    gradient buffers, allocator slack), not the model weights that were already loaded. If
+    ``clear_refs`` is not writable, a thread samples ``VmRSS`` every 2 ms instead.
+  - ``--device cuda``: ``torch.cuda.max_memory_allocated()`` during ``train()`` (peak stats
+    reset right before it), which includes the weights; the growth over
+    ``memory_allocated()`` before ``train()`` is shown in parentheses.
+
+Each cell runs in its own subprocess (``--cell``), so the memory of one cell, allocator
+caches and warm-up state do not leak into the next. On CPU ``torch.set_num_threads`` is set
+to ``--threads`` (default: the CPUs this process may run on) in every cell.
+
+Backends:
+
+- ``--backend torch`` (default): plain PyTorch, ``lora_lab.training.task.TorchTask`` over
+  ``lora_lab.demo.models.TinyUNet(in_channels=4, channels=128, mults=(1, 2, 4),
+  context_dim=768, heads=8, depth=1)`` (40.4M parameters, SD1.x-like eps UNet with
+  attention at every level), latents 4x32x32, context [77, 768] per sample.
+- ``--backend comfy --model sd15|sd3``: a real ComfyUI model patcher from
+  ``tests/comfyui/tiny_models.py`` (``medium=True``: SD1.x UNet 44M, latent 4x16x16,
+  context [77, 768]; SD3 MMDiT 31M, latent 16x32x32, context [8, 256] + pooled [128]),
+  trained through ``lora_lab.nodes.bridge.ComfyTask`` as the Train LoRA node does: model
+  built under ``torch.inference_mode()``, the task built and trained on a ``clone()`` inside
+  ``torch.inference_mode(False)``. Needs ``COMFYUI_DIR`` (a ComfyUI checkout) and, where
+  ComfyUI's imports need them, ``COMFYUI_EXTRA_PATH`` (colon-separated dirs put on
+  ``sys.path``, e.g. a torchvision stand-in), and must run with ComfyUI's Python.
+
+Usage (from the repository root)::
+
+    python benchmarks/bench_step.py                       # torch backend, CPU
+    python benchmarks/bench_step.py --device cuda
+    COMFYUI_DIR=/path/to/ComfyUI COMFYUI_EXTRA_PATH=/path/to/stubs \\
+        /path/to/comfy-venv/bin/python benchmarks/bench_step.py --backend comfy --model sd15
+    python benchmarks/bench_step.py --dtypes bf16 --checkpointing off --profile 25
+
+``--json FILE`` also writes the raw results (every step and forward time). ``--profile N``
+prints, per cell, torch.profiler's N most expensive ops (by self CPU time; by CUDA time on
+CUDA) over 3 extra training steps, to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "lora_lab_bench"  # the name the pack is imported under for the comfy backend
+
+RANK = 8
+LATENTS = 4
+LORA_DTYPE = "bf16"
+
+
+# -- memory ------------------------------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+class RssPeak:
+    """Peak RSS growth (MiB) over a ``with`` block, on Linux."""
+
+    def __enter__(self) -> "RssPeak":
+        self.method = "VmHWM"
+        self.before = _status_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            hwm = _status_kib("VmHWM")
+            if hwm is None or self.before is None or hwm > self.before + 1024:
+                raise OSError("VmHWM was not reset")
+        except OSError:
+            self.method = "sampled VmRSS"
+            self._peak = self.before or 0
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self._peak = max(self._peak, _status_kib("VmRSS") or 0)
+
+    def __exit__(self, *exc) -> None:
+        if self.method == "VmHWM":
+            peak = _status_kib("VmHWM") or 0
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, _status_kib("VmRSS") or 0)
+        self.growth_mib = (peak - (self.before or 0)) / 1024
+
+
+# -- backends: (model name, parameter count, task, latents, training API) -----------------
+def build_torch(device: str):
+    import torch
+
+    from lora_lab.demo.models import TinyUNet
+    from lora_lab.lora.inject import ForwardPatches, adapter_patches
+    from lora_lab.training.config import TrainConfig
+    from lora_lab.training.loop import train
+    from lora_lab.training.task import TorchTask, discrete_vp_sigmas
+
+    torch.manual_seed(0)
+    network = TinyUNet(in_channels=4, channels=128, context_dim=768, mults=(1, 2, 4),
+                       heads=8, depth=1).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(LATENTS, 4, 32, 32, generator=g)
+    context = torch.randn(LATENTS, 77, 768, generator=g)
+    task = TorchTask(network, "eps", discrete_vp_sigmas(), context, device=device)
+    params = sum(p.numel() for p in network.parameters())
+    api = dict(train=train, TrainConfig=TrainConfig, ForwardPatches=ForwardPatches,
+               adapter_patches=adapter_patches)
+    return "TinyUNet 128x(1,2,4)", params, task, latents, api, lambda f: f()
+
+
+def setup_comfy(device: str):
+    """Put ComfyUI on sys.path as its tests do and import the pack as ComfyUI imports it."""
+    import importlib.util
+
+    comfy_dir = os.environ.get("COMFYUI_DIR", "").strip()
+    if not comfy_dir or not os.path.exists(os.path.join(comfy_dir, "comfy", "model_management.py")):
+        sys.exit("--backend comfy needs COMFYUI_DIR set to a ComfyUI checkout.")
+    extra = [p for p in os.environ.get("COMFYUI_EXTRA_PATH", "").split(os.pathsep) if p]
+    for path in [os.path.abspath(comfy_dir), *map(os.path.abspath, extra),
+                 os.path.join(REPO, "tests", "comfyui")][::-1]:
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    import comfy.options  # noqa: F401
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = device == "cpu"  # before comfy.model_management is imported
+    import utils.extra_config  # noqa: F401  (ComfyUI's main imports it before nodes)
+
+    spec = importlib.util.spec_from_file_location(
+        PACKAGE, os.path.join(REPO, "__init__.py"), submodule_search_locations=[REPO])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = pack
+    spec.loader.exec_module(pack)
+
+
+def build_comfy(device: str, model: str):
+    import importlib
+
+    import torch
+
+    setup_comfy(device)
+    import tiny_models
+
+    bridge = importlib.import_module(f"{PACKAGE}.nodes.bridge")
+    loop = importlib.import_module(f"{PACKAGE}.training.loop")
+    config = importlib.import_module(f"{PACKAGE}.training.config")
+    inject = importlib.import_module(f"{PACKAGE}.lora.inject")
+
+    build, cond, shape = {
+        "sd15": (tiny_models.tiny_sd15, tiny_models.sd15_cond, (LATENTS, 4, 16, 16)),
+        "sd3": (tiny_models.tiny_sd3, tiny_models.sd3_cond, (LATENTS, 16, 32, 32)),
+    }[model]
+    with torch.inference_mode():  # as ComfyUI loads models and runs nodes
+        patcher = build(seed=0, medium=True)
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        positive = cond(seed=3)
+    with torch.inference_mode(False):
+        task = bridge.ComfyTask(patcher.clone(), positive, latents)
+    params = sum(p.numel() for p in task.network.parameters())
+    api = dict(train=loop.train, TrainConfig=config.TrainConfig,
+               ForwardPatches=inject.ForwardPatches, adapter_patches=inject.adapter_patches)
+    name = {"sd15": "ComfyUI SD1.x UNet (tiny medium)", "sd3": "ComfyUI SD3 MMDiT (tiny medium)"}
+    return name[model], params, task, latents, api, run_outside_inference
+
+
+def run_outside_inference(f):
+    import torch
+
+    with torch.inference_mode(False):
+        return f()
+
+
+# -- one cell ----------------------------------------------------------------------------
+def run_cell(args) -> dict:
+    import torch
+
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.backend == "torch":
+        model, params, task, latents, api, wrap = build_torch(args.device)
+    else:
+        model, params, task, latents, api, wrap = build_comfy(args.device, args.model)
+    dtype, ckpt = args.dtype, args.checkpointing == "on"
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    config = api["TrainConfig"](
+        batch_size=1, grad_accumulation_steps=1, steps=args.warmup + args.steps,
+        learning_rate=1e-4, rank=RANK, alpha=1.0, optimizer="AdamW", loss_function="MSE",
+        seed=0, training_dtype=dtype, lora_dtype=LORA_DTYPE, algorithm="LoRA",
+        gradient_checkpointing=ckpt)
+
+    stamps: list[float] = []
+
+    def on_step(step, total, loss):
+        sync()
+        stamps.append(time.perf_counter())
+
+    def train():
+        return api["train"](task, latents, config, on_step=on_step)
+
+    import gc
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = wrap(train)
+        sync()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        memory = dict(peak_mib=peak, growth_mib=peak - before / 2**20,
+                      method="cuda max_memory_allocated")
+    else:
+        with RssPeak() as rss:
+            result = wrap(train)
+        memory = dict(peak_mib=rss.growth_mib, growth_mib=rss.growth_mib,
+                      method=f"RSS growth ({rss.method})")
+    step_ms = [(b - a) * 1e3 for a, b in zip(stamps[args.warmup - 1:], stamps[args.warmup:])]
+
+    def forwards(adapters) -> list[float]:
+        """No-grad forwards of one batch-1 sample, drawn as the training loop draws it."""
+        g = torch.Generator().manual_seed(1)
+        dataset = task.prepare_latents(latents.clone()).float().cpu()
+        samples = torch.tensor([0])
+        x0 = dataset[samples].to(task.device)
+        noise = torch.randn(x0.shape, generator=g).to(task.device)
+        sigma = task.sample_sigmas(1, g).to(task.device)
+        x_t = task.add_noise(x0, noise, sigma)
+        patches = api["ForwardPatches"](api["adapter_patches"](task.network, adapters))
+        times = []
+        with torch.no_grad(), task.session(patches), torch.autocast(
+                task.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            for i in range(2 + args.forwards):
+                sync()
+                start = time.perf_counter()
+                task.predict(x_t, sigma, samples)
+                sync()
+                if i >= 2:
+                    times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+    base_ms = wrap(lambda: forwards({}))
+    lora_ms = wrap(lambda: forwards(result.adapters))
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        short = dataclasses.replace(config, steps=3)
+        with profile(activities=activities) as prof:
+            wrap(lambda: api["train"](task, latents, short))
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(f"\n### profile: {model} {dtype} checkpointing {args.checkpointing} "
+              f"(3 steps)\n" + prof.key_averages().table(sort_by=key, row_limit=args.profile),
+              file=sys.stderr)
+
+    step, fwd = statistics.median(step_ms), statistics.median(base_ms)
+    return dict(model=model, params=params, dtype=dtype, checkpointing=args.checkpointing,
+                step_ms=step, forward_ms=fwd, lora_forward_ms=statistics.median(lora_ms),
+                ratio=step / fwd, memory=memory, step_times_ms=step_ms,
+                forward_times_ms=base_ms, lora_forward_times_ms=lora_ms,
+                losses=result.losses)
+
+
+# -- driver ------------------------------------------------------------------------------
+def machine(args) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M).group(1)
+    except (OSError, AttributeError):
+        pass
+    line = (f"torch {torch.__version__}, Python {platform.python_version()}, {cpu}, "
+            f"{os.cpu_count()} CPUs")
+    if args.device == "cpu":
+        line += (f", {args.threads} torch threads, CPU capability "
+                 f"{torch.backends.cpu.get_cpu_capability()}")
+    elif torch.cuda.is_available():
+        line += f", {torch.cuda.get_device_name()}"
+    return line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=["torch", "comfy"], default="torch")
+    parser.add_argument("--model", choices=["sd15", "sd3"], default="sd15",
+                        help="the tiny ComfyUI model (comfy backend only)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16,fp32")
+    parser.add_argument("--checkpointing", default="off,on", help="comma-separated: off,on")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up steps (discarded)")
+    parser.add_argument("--steps", type=int, default=10, help="measured steps")
+    parser.add_argument("--forwards", type=int, default=10, help="measured forwards")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch.set_num_threads on CPU (default: the usable CPUs)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N most expensive ops of 3 extra steps per cell")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (the first step's time includes setup)")
+
+    if args.cell:  # one cell, in a subprocess: print its result as the last line
+        print("RESULT " + json.dumps(run_cell(args)), flush=True)
+        return
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch.cuda.is_available() is False")
+    cells = [(d, c) for d in args.dtypes.split(",") for c in args.checkpointing.split(",")]
+    results = []
+    started = time.perf_counter()
+    for dtype, ckpt in cells:
+        command = [sys.executable, os.path.abspath(__file__), "--cell", "--dtype", dtype,
+                   "--checkpointing", ckpt, "--backend", args.backend, "--model", args.model,
+                   "--device", args.device, "--warmup", str(args.warmup),
+                   "--steps", str(args.steps), "--forwards", str(args.forwards),
+                   "--threads", str(args.threads), "--profile", str(args.profile)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.exit(f"cell {dtype}/checkpointing {ckpt} failed (exit {proc.returncode}):\n"
+                     + proc.stdout[-4000:])
+        result = json.loads(lines[-1][len("RESULT "):])
+        results.append(result)
+        print(f"[{dtype}, checkpointing {ckpt}: {time.perf_counter() - t0:.0f} s] "
+              f"step {result['step_ms']:.1f} ms, forward {result['forward_ms']:.1f} ms",
+              file=sys.stderr, flush=True)
+
+    cuda = args.device == "cuda"
+    memory_header = "peak MiB (cuda max allocated, +growth)" if cuda else "peak MiB (RSS growth)"
+    print(f"\nmachine: {machine(args)}")
+    print(f"batch 1, rank {RANK}, AdamW, lora_dtype {LORA_DTYPE}, {LATENTS} latents, grad "
+          f"accumulation 1; median of {args.steps} steps after {args.warmup} warm-up, "
+          f"median of {args.forwards} forwards; total {time.perf_counter() - started:.0f} s\n")
+    print(f"| model | params | dtype | checkpointing | step ms (median) | forward ms | "
+          f"fwd+LoRA ms | step/forward | {memory_header} |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        m = r["memory"]
+        memory = (f"{m['peak_mib']:.0f} (+{m['growth_mib']:.0f})" if cuda
+                  else f"{m['peak_mib']:.0f}")
+        print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['dtype']} | {r['checkpointing']} "
+              f"| {r['step_ms']:.1f} | {r['forward_ms']:.1f} | {r['lora_forward_ms']:.1f} "
+              f"| {r['ratio']:.2f} | {memory} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine(args), args=vars(args), results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
