@@ -74,6 +74,7 @@ class ComfyTask:
     key_prefix = "diffusion_model."
 
     def __init__(self, patcher, positive, latents: torch.Tensor) -> None:
+        self.positive_count = len(positive) if isinstance(positive, (list, tuple)) else 0
         self.patcher = patcher
         self.base = patcher.model
         self.network = self.base.diffusion_model
@@ -110,17 +111,26 @@ class ComfyTask:
         for index, entry in enumerate(entries):
             key = id(entry)
             if key not in encoded:
-                [cond] = comfy.sampler_helpers.convert_cond([[entry[0].clone(), dict(entry[1])]])
-                shape_like = latents[index:index + 1]
-                [cond] = comfy.samplers.encode_model_conds(
-                    self.base.extra_conds, [cond], torch.zeros_like(shape_like), self.device,
-                    "positive", latent_image=self.base.process_latent_in(shape_like.clone()))
-                encoded[key] = {
-                    name: value.process_cond(batch_size=1, area=None)
-                    for name, value in cond["model_conds"].items()
-                }
+                try:
+                    encoded[key] = self._encode_one(entry, latents[index:index + 1])
+                except Exception as error:
+                    raise ValueError(
+                        f"positive[{index if self.positive_count > 1 else 0}] (shape "
+                        f"{list(entry[0].shape)}, extras {sorted(entry[1])}) does not fit "
+                        f"{type(self.base).__name__}: {type(error).__name__}: {error}. Use "
+                        "conditioning from this model's text encoder.") from error
             per_sample.append(encoded[key])
         return per_sample
+
+    def _encode_one(self, entry, latent: torch.Tensor) -> dict:
+        [cond] = comfy.sampler_helpers.convert_cond([[entry[0].clone(), dict(entry[1])]])
+        [cond] = comfy.samplers.encode_model_conds(
+            self.base.extra_conds, [cond], torch.zeros_like(latent), self.device, "positive",
+            latent_image=self.base.process_latent_in(latent.clone()))
+        return {
+            name: value.process_cond(batch_size=1, area=None)
+            for name, value in cond["model_conds"].items()
+        }
 
     # -- DiffusionTask --------------------------------------------------------------------------
     def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,7 @@ import os
 import torch
 from comfy_api.latest import io
 
-import comfy.model_management
 import comfy.sd
-import comfy.utils
 import folder_paths
 
 from .. import __version__
@@ -19,6 +17,7 @@ from ..lora.weights import LoraWeights
 from ..training.config import DTYPES, TrainConfig
 from ..training.loop import train
 from .bridge import ComfyTask, check_latents_fit
+from .progress import LiveProgress
 from .spec import NONE_LORA, TRAIN_INPUTS, TRAIN_OUTPUTS, tooltip
 
 log = logging.getLogger(__name__)
@@ -92,12 +91,7 @@ class TrainLoRA(io.ComfyNode):
                 "Load Latent or Load Image Dataset.")
         samples = latents["samples"]
         check_latents_fit(model, samples)
-        progress = comfy.utils.ProgressBar(steps)
-
-        def on_step(step: int, total: int, loss: float) -> None:
-            progress.update_absolute(step, total)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-
+        on_step = LiveProgress(steps)
         with torch.inference_mode(False):
             patcher = model.clone()
             task = ComfyTask(patcher, positive, samples)

@@ -194,8 +194,17 @@ def _train(task, latents, config, existing, on_step) -> TrainResult:
             step_loss = torch.zeros((), device=task.device)
             for start in range(0, per_step, batch_size):
                 part = slice(start, start + batch_size)
-                loss = sample_losses(
-                    task, dataset, samples[part], noise[part], sigmas[part], config).mean()
+                try:
+                    loss = sample_losses(
+                        task, dataset, samples[part], noise[part], sigmas[part], config).mean()
+                except RuntimeError as error:
+                    if step > 1 or isinstance(error, torch.OutOfMemoryError):
+                        raise
+                    raise ValueError(
+                        f"The model could not run on the first batch (latents "
+                        f"{list(dataset.shape[1:])}): {error}. Check that the latents come "
+                        "from this model's VAE and the conditioning from its text encoder."
+                    ) from error
                 (loss / accumulation).backward()
                 step_loss += loss.detach() / accumulation
             value = float(step_loss)
