@@ -73,7 +73,7 @@ class ComfyTask:
 
     key_prefix = "diffusion_model."
 
-    def __init__(self, patcher, positive, latents: torch.Tensor) -> None:
+    def __init__(self, patcher, positive, latents: torch.Tensor, training_dtype: str = "bf16") -> None:
         self.positive_count = len(positive) if isinstance(positive, (list, tuple)) else 0
         self.patcher = patcher
         self.base = patcher.model
@@ -86,6 +86,17 @@ class ComfyTask:
         self._outputs: list[torch.Tensor] = []
         self.sample_conds = self._encode_conditioning(positive, latents)
         self._copy_inference_weights()
+        self._set_compute_dtype(training_dtype)
+
+    def _set_compute_dtype(self, training_dtype: str) -> None:
+        """Compute in fp32 when fp32 training is asked of a half-precision model, and in bf16
+        rather than fp16 (whose range overflows in backward) under bf16 training. Object
+        patches on the clone: the input model keeps its own compute dtype."""
+        compute = self.base.manual_cast_dtype or self.base.get_dtype()
+        if training_dtype == "fp32" and compute != torch.float32:
+            self.patcher.set_model_compute_dtype(torch.float32)
+        elif training_dtype == "bf16" and compute == torch.float16:
+            self.patcher.set_model_compute_dtype(torch.bfloat16)
 
     def _copy_inference_weights(self) -> None:
         """Give autograd normal tensors where the model's weights are inference tensors.

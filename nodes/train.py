@@ -94,7 +94,7 @@ class TrainLoRA(io.ComfyNode):
         on_step = LiveProgress(steps)
         with torch.inference_mode(False):
             patcher = model.clone()
-            task = ComfyTask(patcher, positive, samples)
+            task = ComfyTask(patcher, positive, samples, training_dtype)
             existing, previous_steps = None, 0
             if existing_lora != NONE_LORA:
                 existing, previous_steps = load_existing(
