@@ -1,15 +1,16 @@
 """What every adapter algorithm shares: the wrapped layer, its scale and the bypass forward.
 
 An adapter never changes the layer it wraps. During training the layer's ``forward`` is
-replaced by :meth:`Adapter.forward`, which computes ``base(x) + delta(x)`` where ``delta`` is
-a low-rank path: ``W + dW`` is never materialised on a training step.
+replaced by :meth:`Adapter.bypass`: ``base(x) + delta(x)`` for additive algorithms, or a
+transform of the base layer's input or output; ``W + dW`` is never materialised on a
+training step.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,10 @@ class LayerGeometry:
     @property
     def is_conv(self) -> bool:
         return bool(self.kernel_size)
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_features * math.prod(self.kernel_size)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -76,28 +81,83 @@ def layer_geometry(module: nn.Module) -> LayerGeometry | None:
 class Adapter(nn.Module):
     """Base class of an adapter around one Linear or Conv layer.
 
-    Subclasses define ``delta(x)`` (the bypass path), ``delta_weight()`` (the same map as a
-    weight of the base layer's shape), ``to_state_dict`` / ``from_state_dict`` (the keys
-    ComfyUI's LoRA loader reads) and ``KEYS``, the suffixes that identify their files.
+    Subclasses define ``to_state_dict`` / ``from_state_dict`` / ``expected_shapes`` (the keys
+    ComfyUI's LoRA loader reads), ``KEYS`` (the key suffixes of one module; ``KEYS[0]``
+    identifies the algorithm in a file) and either
 
-    Parameters are kept in float32 (master weights); ``compute_dtype`` is the dtype the
-    adapter's weights are rounded to on every forward and saved in, so training sees exactly
-    the weights that are saved.
+    - ``delta(x)`` and ``delta_weight()``: an additive adapter, trained as
+      ``base(x) + delta(x)`` (the default :meth:`bypass`), or
+    - their own :meth:`bypass` and :meth:`merged_weight`: an adapter that transforms the base
+      layer's input or output (DoRA, GLoRA, OFT, BOFT).
+
+    No training forward builds ``W + dW``. Parameters are kept in float32 (master weights);
+    ``compute_dtype`` is the dtype the adapter's weights are rounded to on every forward and
+    saved in, so training sees exactly the weights that are saved.
+
+    Constructors take ``(geometry, rank, alpha, compute_dtype, generator=None, *, weight=None,
+    bias=None)``; ``weight``/``bias`` are the wrapped layer's tensors. An algorithm that needs
+    them at training time (``USES_BASE_WEIGHT`` / ``USES_BASE_BIAS``) keeps a detached copy,
+    taken once at creation (the layer's own tensors may be inference tensors or offloaded):
+    the weight in its own dtype if that is fp32/bf16/fp16 (else float32), the bias in
+    float32. The others ignore them.
     """
 
     NAME: ClassVar[str]
     KEYS: ClassVar[tuple[str, ...]]
+    USES_BASE_WEIGHT: ClassVar[bool] = False
+    USES_BASE_BIAS: ClassVar[bool] = False
 
-    def __init__(self, geometry: LayerGeometry, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        geometry: LayerGeometry,
+        compute_dtype: torch.dtype,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.geometry = geometry
         self.compute_dtype = compute_dtype
+        if self.USES_BASE_WEIGHT:
+            if weight is None:
+                raise ValueError(f"{self.NAME} needs the weight of the layer it adapts.")
+            dtype = weight.dtype if weight.dtype in _COPY_DTYPES else torch.float32
+            copy = weight.detach().to(dtype, copy=True).reshape(geometry.weight_shape)
+            self.register_buffer("base_weight", copy, persistent=False)
+        if self.USES_BASE_BIAS:
+            copy = None if bias is None else bias.detach().to(torch.float32, copy=True)
+            self.register_buffer("base_bias", copy, persistent=False)
+
+    # -- what a class says about layers and files ---------------------------------------
+    @classmethod
+    def layer_rank(cls, geometry: LayerGeometry, rank: int) -> int:
+        """The rank this layer gets for a requested ``rank`` (low-rank: at most min(in, out))."""
+        return max(1, min(rank, geometry.fan_in, geometry.out_features))
+
+    @classmethod
+    def supports(cls, geometry: LayerGeometry) -> bool:
+        """Whether the algorithm can adapt a layer of this shape at all."""
+        return True
+
+    @classmethod
+    def identifies(cls, tensors: Mapping[str, torch.Tensor], prefix: str) -> bool:
+        """Whether the keys under ``<prefix>.`` are a module of this algorithm."""
+        return f"{prefix}.{cls.KEYS[0]}" in tensors
+
+    @classmethod
+    def identifying_suffixes(cls) -> tuple[str, ...]:
+        """Suffixes whose keys name a module of this algorithm (for finding module names)."""
+        return (cls.KEYS[0],)
+
+    @classmethod
+    def required_keys(cls, tensors: Mapping[str, torch.Tensor], prefix: str) -> list[str]:
+        return [f"{prefix}.{key}" for key in cls.KEYS]
 
     # -- what an algorithm defines -------------------------------------------------------
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``W' - W`` in float32 (``base_weight``: ``W``, needed where the delta depends on it)."""
         raise NotImplementedError
 
     def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -107,6 +167,13 @@ class Adapter(nn.Module):
     def cast(self, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Round a master weight to the adapter dtype, then compute in the activation dtype."""
         return tensor.to(self.compute_dtype).to(like.dtype)
+
+    def rounded(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A master weight rounded to the adapter dtype, as float32 (for weight-space maths)."""
+        return tensor.to(self.compute_dtype).float()
+
+    def saved(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to(self.compute_dtype).clone()
 
     def bypass(self, base_forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """A replacement for the wrapped layer's ``forward``: ``base(x) + delta(x)``."""
@@ -118,7 +185,65 @@ class Adapter(nn.Module):
         return forward
 
     def merged_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        return base_weight + self.delta_weight().to(base_weight.dtype)
+        return base_weight + self.delta_weight(base_weight).to(base_weight.dtype)
+
+    def weight_of(self, base_weight: torch.Tensor | None) -> torch.Tensor:
+        """``base_weight`` as float32 of the layer's shape, else the copy taken at creation."""
+        if base_weight is None:
+            base_weight = getattr(self, "base_weight", None)
+            if base_weight is None:
+                raise ValueError(f"{self.NAME}.delta_weight needs the layer's weight.")
+        return base_weight.float().reshape(self.geometry.weight_shape)
+
+    def channels_last(self, t: torch.Tensor) -> torch.Tensor:
+        """Move the channel axis of an activation to the front (dim 0)."""
+        return t.movedim(-1 if not self.geometry.is_conv else 1, 0)
+
+    def channels_back(self, t: torch.Tensor) -> torch.Tensor:
+        return t.movedim(0, -1 if not self.geometry.is_conv else 1)
+
+    def per_channel(self, vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A per-channel vector shaped to broadcast against the activation ``like``."""
+        if not self.geometry.is_conv:
+            return vector
+        return vector.reshape(-1, *([1] * (like.ndim - 2)))
+
+
+def full_precision(like: torch.Tensor):
+    """No autocast while building weight-space tensors (they are small and need float32)."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
+def split_dimension(dimension: int, factor: int) -> tuple[int, int]:
+    """``dimension = small * large`` with ``small`` the divisor closest to ``factor`` from below.
+
+    ``small <= large``; ``small`` is ``factor`` itself when it divides ``dimension`` and
+    ``factor**2 <= dimension`` (the rule LyCORIS and ComfyUI use for Kronecker factors).
+    """
+    if factor > 0 and dimension % factor == 0 and factor * factor <= dimension:
+        return factor, dimension // factor
+    limit = min(factor if factor > 0 else dimension, int(math.isqrt(dimension)))
+    small = max(d for d in range(1, max(limit, 1) + 1) if dimension % d == 0)
+    return small, dimension // small
+
+
+def alpha_of(tensors: Mapping[str, torch.Tensor], prefix: str) -> float | None:
+    """The scalar ``<prefix>.alpha`` of a file, None if absent; a ValueError if malformed."""
+    value = tensors.get(f"{prefix}.alpha")
+    if value is None:
+        return None
+    if value.numel() != 1 or not (value.is_floating_point() or value.dtype in _INT_DTYPES):
+        raise ValueError(
+            f"The LoRA key {prefix}.alpha must be one number; it has shape {list(value.shape)} "
+            f"and dtype {value.dtype}. The file is damaged.")
+    alpha = float(value.reshape(()).item())
+    if not math.isfinite(alpha):
+        raise ValueError(f"The LoRA key {prefix}.alpha is {alpha}; the file is damaged.")
+    return alpha
+
+
+_COPY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def kaiming_uniform_(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -46,8 +46,9 @@ def create_adapters(
 ) -> dict[str, Adapter]:
     """Fresh adapters (zero delta) for every target layer, initialised from ``generator``.
 
-    A rank above what a layer can use (``min(in, out)``) is clamped for that layer, with one
-    warning listing how many layers were clamped.
+    A rank above what a layer can use (``min(in, out)`` for the low-rank algorithms) is
+    clamped for that layer, with one warning listing how many layers were clamped. Each
+    adapter gets the layer's weight and bias; those that need them keep a float32 copy.
     """
     if algorithm not in ADAPTERS:
         raise ValueError(
@@ -60,17 +61,28 @@ def create_adapters(
             f"The model ({type(network).__name__}) has no Linear or 1x1 Conv layer that "
             f"{algorithm} can adapt; connect a diffusion model."
         )
-    adapters, clamped = {}, 0
-    for name, (_, geometry) in targets.items():
-        fan_in = geometry.in_features * max(1, torch.Size(geometry.kernel_size).numel())
-        layer_rank = min(rank, fan_in, geometry.out_features)
+    adapters, clamped, skipped = {}, 0, 0
+    for name, (module, geometry) in targets.items():
+        if not cls.supports(geometry):
+            skipped += 1
+            continue
+        layer_rank = cls.layer_rank(geometry, rank)
         clamped += layer_rank < rank
-        adapters[name] = cls(geometry, layer_rank, alpha, dtype, generator)
+        adapters[name] = cls(
+            geometry, layer_rank, alpha, dtype, generator,
+            weight=module.weight, bias=getattr(module, "bias", None))
     if clamped:
         log.warning(
             "rank %d is larger than %d of %d layers allow; those layers use rank min(in, out).",
             rank, clamped, len(targets),
         )
+    if skipped:
+        log.warning("%s cannot adapt %d of %d layers (their shape does not allow it); they are "
+                    "left out.", algorithm, skipped, len(targets))
+    if not adapters:
+        raise ValueError(
+            f"{algorithm} can adapt none of the {len(targets)} layers of this model; pick "
+            "another algorithm.")
     return adapters
 
 

@@ -59,16 +59,36 @@ def steps_of(metadata: Mapping[str, str], filename: str) -> int:
     return 0
 
 
-def detect_algorithm(tensors: Mapping[str, torch.Tensor]) -> type[Adapter]:
-    """The adapter class whose key suffixes the file uses."""
-    for cls in ADAPTERS.values():
-        if any(key.endswith("." + cls.KEYS[0]) for key in tensors):
-            return cls
-    sample = ", ".join(sorted(tensors)[:3]) or "no tensors"
+def modules_by_algorithm(
+    tensors: Mapping[str, torch.Tensor], prefix: str = ""
+) -> dict[type[Adapter], list[str]]:
+    """The module names (after ``prefix``) each algorithm's keys name, in sorted order."""
+    found: dict[type[Adapter], set[str]] = {}
+    for key in tensors:
+        if not key.startswith(prefix):
+            continue
+        for cls in ADAPTERS.values():
+            for suffix in cls.identifying_suffixes():
+                if key.endswith("." + suffix):
+                    module = key[: -len(suffix) - 1]
+                    if cls.identifies(tensors, module):
+                        found.setdefault(cls, set()).add(module[len(prefix):])
+    return {cls: sorted(names) for cls, names in found.items()}
+
+
+def detect_algorithm(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> type[Adapter]:
+    """The adapter class whose keys the file uses (one algorithm per file)."""
+    found = modules_by_algorithm(tensors, prefix)
+    if len(found) == 1:
+        return next(iter(found))
+    if not found:
+        sample = ", ".join(sorted(tensors)[:3]) or "no tensors"
+        raise ValueError(
+            f"The LoRA holds no keys of a known algorithm ({', '.join(ADAPTERS)}); first keys: "
+            f"{sample}. Pick a LoRA file saved for a diffusion model.")
+    mix = ", ".join(f"{cls.NAME} ({len(names)} layers)" for cls, names in found.items())
     raise ValueError(
-        f"The LoRA holds no keys of a known algorithm ({', '.join(ADAPTERS)}); first keys: "
-        f"{sample}. Pick a LoRA file saved for a diffusion model."
-    )
+        f"The LoRA mixes algorithms: {mix}; only a file of one algorithm can be continued.")
 
 
 def adapters_from_state_dict(
@@ -77,44 +97,58 @@ def adapters_from_state_dict(
     prefix: str,
     dtype: torch.dtype,
 ) -> dict[str, Adapter]:
-    """Adapters rebuilt from a saved LoRA, after checking every key fits ``network``."""
-    cls = detect_algorithm(tensors)
+    """Adapters rebuilt from a saved LoRA, after checking every key fits ``network``.
+
+    The algorithm comes from the keys (whatever the node's ``algorithm`` says); each adapter
+    gets its layer's weight and bias, as a new one would.
+    """
+    if not modules_by_algorithm(tensors):
+        detect_algorithm(tensors)  # raises: no known keys at all
+    found = modules_by_algorithm(tensors, prefix)
+    if not found:
+        raise ValueError(
+            f"The LoRA has no keys under {prefix!r}; it was made for another model or format.")
+    cls = detect_algorithm(tensors, prefix)
     targets = find_targets(network)
     suffix = "." + cls.KEYS[0]
-    modules = sorted(
-        key[len(prefix): -len(suffix)]
-        for key in tensors
-        if key.startswith(prefix) and key.endswith(suffix)
-    )
-    if not modules:
-        raise ValueError(
-            f"The LoRA has no keys under {prefix!r}; it was made for another model or format."
-        )
-    adapters = {}
-    for name in modules:
+    adapters, used = {}, set()
+    for name in found[cls]:
+        key_prefix = prefix + name
         if name not in targets:
             raise ValueError(
-                f"The LoRA key {prefix}{name}{suffix} names a layer this model does not have; "
-                "the LoRA was made for another model family. Pick a LoRA trained on this model."
-            )
-        geometry = targets[name][1]
-        key_prefix = prefix + name
-        for key in cls.KEYS:
-            if f"{key_prefix}.{key}" not in tensors:
-                raise ValueError(f"The LoRA lacks {key_prefix}.{key}; the file is incomplete.")
+                f"The LoRA key {key_prefix}{suffix} names a layer this model does not have; "
+                "the LoRA was made for another model family. Pick a LoRA trained on this model.")
+        module, geometry = targets[name]
+        for key in cls.required_keys(tensors, key_prefix):
+            if key not in tensors:
+                raise ValueError(f"The LoRA lacks {key}; the file is incomplete.")
+        own = {k: v for k, v in tensors.items() if k.startswith(key_prefix + ".")}
+        for key, value in own.items():
+            if not value.is_floating_point():
+                raise ValueError(
+                    f"The LoRA key {key} holds {value.dtype} values; a float tensor is expected. "
+                    "The file is damaged.")
+            if value.ndim and 0 in value.shape:
+                raise ValueError(f"The LoRA key {key} is empty (shape {list(value.shape)}).")
         for key, accepted in cls.expected_shapes(geometry, tensors, key_prefix).items():
             shape = tuple(tensors[key].shape)
             if shape not in accepted:
                 want = " or ".join(str(list(s)) for s in sorted(accepted))
                 raise ValueError(
                     f"The LoRA key {key} has shape {list(shape)} but this model needs {want}; "
-                    "the LoRA was made for another model. Pick a LoRA trained on this model."
-                )
-        for key, value in tensors.items():
-            if key.startswith(key_prefix + ".") and value.is_floating_point():
-                if not torch.isfinite(value).all():
-                    raise ValueError(f"The LoRA key {key} holds NaN or Inf; the file is damaged.")
-        adapters[name] = cls.from_state_dict(geometry, dict(tensors), key_prefix, dtype)
+                    "the LoRA was made for another model. Pick a LoRA trained on this model.")
+        for key, value in own.items():
+            if not torch.isfinite(value).all():
+                raise ValueError(f"The LoRA key {key} holds NaN or Inf; the file is damaged.")
+        adapters[name] = cls.from_state_dict(
+            geometry, dict(tensors), key_prefix, dtype,
+            weight=module.weight, bias=getattr(module, "bias", None))
+        used.update(own)
+    ignored = [k for k in tensors if k.startswith(prefix) and k not in used]
+    if ignored:
+        log.warning(
+            "Continuing the %s: %d keys are not part of it and are dropped (first: %s).",
+            cls.NAME, len(ignored), ignored[0])
     return adapters
 
 
@@ -123,27 +157,32 @@ def save_lora_file(
     folder: str,
     stem: str,
     metadata: Mapping[str, str] | None = None,
+    steps: int | None = None,
 ) -> str:
-    """Write ``<folder>/<stem>_<counter>_.safetensors`` and return its path.
+    """Write ``<folder>/<stem>[_<steps>_steps]_<counter>_.safetensors`` and return its path.
 
-    Never overwrites: the counter starts after the highest one present, and the final name
-    is claimed with a hard link, which fails instead of replacing an existing file. The
-    data goes to a temporary file in the same folder first, so an interrupted save leaves
-    no partial LoRA behind (at worst a ``.tmp`` file, removed on the next error path).
+    ``stem`` may hold subfolders (``"lora_lab/my_lora"``, created as needed) but must stay
+    inside ``folder``: an absolute path or one that ``..`` leads out is a ``ValueError``.
+    Never overwrites: the counter starts after the highest one the stem has in that folder
+    (with or without steps), and the final name is claimed with a hard link, which fails
+    instead of replacing an existing file. The data goes to a temporary file in the same
+    folder first, so an interrupted save leaves no partial LoRA behind (the temporary file
+    is removed on every exit path).
     """
     from safetensors.torch import save_file
 
-    os.makedirs(folder, exist_ok=True)
-    base = os.path.basename(stem)
-    pattern = re.compile(re.escape(base) + r"_(\d+)_\.safetensors$")
-    used = [int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))]
+    target, base = lora_file_target(folder, stem)
+    os.makedirs(target, exist_ok=True)
+    pattern = re.compile(re.escape(base) + r"(?:_\d+_steps)?_(\d+)_\.safetensors$")
+    used = [int(m.group(1)) for f in os.listdir(target) if (m := pattern.match(f))]
     counter = max(used, default=0) + 1
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
+    middle = "" if steps is None else f"_{int(steps)}_steps"
+    tmp = os.path.join(target, f".{base}.{os.getpid()}.{id(tensors):x}.tmp")
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
-        save_file(contiguous, tmp, metadata=dict(metadata or {}))
+        save_file(contiguous, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
         while True:
-            path = os.path.join(folder, f"{base}_{counter:05d}_.safetensors")
+            path = os.path.join(target, f"{base}{middle}_{counter:05d}_.safetensors")
             try:
                 os.link(tmp, path)
                 return path
@@ -152,3 +191,92 @@ def save_lora_file(
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def lora_file_target(folder: str, stem: str) -> tuple[str, str]:
+    """The folder a save of ``stem`` goes to and the file name stem, checked to stay inside."""
+    if not stem or not stem.strip() or stem.strip().endswith(("/", "\\")):
+        raise ValueError(
+            f"filename_prefix {stem!r} names no file; give a name such as 'lora_lab/my_lora'.")
+    parts = stem.replace("\\", "/")
+    if os.path.isabs(stem) or parts.startswith("/") or re.match(r"^[A-Za-z]:", parts):
+        raise ValueError(
+            f"filename_prefix {stem!r} is an absolute path; give a path relative to the loras "
+            "folder, such as 'lora_lab/my_lora'.")
+    root = os.path.abspath(folder)
+    path = os.path.normpath(os.path.join(root, *parts.split("/")))
+    if os.path.commonpath([root, path]) != root or path == root:
+        raise ValueError(
+            f"filename_prefix {stem!r} leads outside the loras folder {folder}; remove '..' and "
+            "give a path inside it, such as 'lora_lab/my_lora'.")
+    return os.path.dirname(path), os.path.basename(path)
+
+
+# kohya-ss (sd-scripts) names for the same facts, so other tools display them.
+_BASE_MODEL_VERSIONS = {
+    "SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2",
+    "SDXL": "sdxl_base_v1-0", "SDXLRefiner": "sdxl_refiner_v1-0", "SSD1B": "sdxl_base_v1-0",
+    "SD3": "sd3", "Flux": "flux1", "FluxSchnell": "flux1", "WAN21_T2V": "wan2.1",
+}
+_LOSS_TYPES = {"MSE": "l2", "L1": "l1", "Huber": "huber", "SmoothL1": "smooth_l1"}
+_PRECISIONS = {"bf16": "bf16", "fp32": "float", "fp16": "fp16"}
+
+
+def lora_file_metadata(
+    tensors: Mapping[str, torch.Tensor],
+    lora_metadata: Mapping[str, str] | None = None,
+    steps: int | None = None,
+    version: str | None = None,
+) -> dict[str, str]:
+    """The header of a saved LoRA: ``lora_lab.*`` facts plus the common kohya ``ss_*`` keys.
+
+    ``lora_metadata`` is what LoRA Lab's Train LoRA attaches (``lora_lab.*``); a LoRA from
+    elsewhere has none, and then only what the tensors tell is written (algorithm, rank,
+    alpha, dtype) plus ``steps`` if given. ``steps`` overrides the recorded step count.
+    """
+    meta = {k: str(v) for k, v in (lora_metadata or {}).items()}
+    if version is not None:
+        meta.setdefault("lora_lab.version", version)
+    if steps is not None:
+        meta["lora_lab.steps"] = str(int(steps))
+    try:
+        meta.setdefault("lora_lab.algorithm", detect_algorithm(tensors).NAME)
+    except ValueError:
+        pass
+    downs = [v for k, v in tensors.items() if k.endswith(".lora_down.weight")]
+    if downs:
+        meta.setdefault("lora_lab.rank", str(int(downs[0].shape[0])))
+    alphas = [v for k, v in tensors.items() if k.endswith(".alpha") and v.numel() == 1]
+    if alphas:
+        meta.setdefault("lora_lab.alpha", str(float(alphas[0])))
+    weights = [v for k, v in tensors.items() if v.is_floating_point() and not k.endswith(".alpha")]
+    if weights:
+        name = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
+        meta.setdefault("lora_lab.lora_dtype", name.get(weights[0].dtype, str(weights[0].dtype)))
+
+    get = meta.get
+    kohya = {
+        "ss_network_module": "networks.lora" if get("lora_lab.algorithm", "LoRA") == "LoRA"
+        else "lycoris.kohya",
+        "ss_network_dim": get("lora_lab.rank"),
+        "ss_network_alpha": get("lora_lab.alpha"),
+        "ss_steps": get("lora_lab.steps"),
+        "ss_max_train_steps": get("lora_lab.steps"),
+        "ss_learning_rate": get("lora_lab.learning_rate"),
+        "ss_unet_lr": get("lora_lab.learning_rate"),
+        "ss_text_encoder_lr": "0" if "lora_lab.learning_rate" in meta else None,
+        "ss_network_train_unet_only": "True",
+        "ss_optimizer": get("lora_lab.optimizer") and f"torch.optim.{get('lora_lab.optimizer')}",
+        "ss_loss_type": _LOSS_TYPES.get(get("lora_lab.loss_function", "")),
+        "ss_seed": get("lora_lab.seed"),
+        "ss_batch_size_per_device": get("lora_lab.batch_size"),
+        "ss_gradient_accumulation_steps": get("lora_lab.grad_accumulation_steps"),
+        "ss_mixed_precision": {"bf16": "bf16", "fp32": "no"}.get(get("lora_lab.training_dtype", "")),
+        "ss_save_precision": _PRECISIONS.get(get("lora_lab.lora_dtype", "")),
+        "ss_base_model_version": _BASE_MODEL_VERSIONS.get(get("lora_lab.base_model", "")),
+        "ss_lr_scheduler": "constant" if "lora_lab.learning_rate" in meta else None,
+    }
+    if get("lora_lab.algorithm", "LoRA") != "LoRA":
+        kohya["ss_network_args"] = '{"algo": "%s"}' % get("lora_lab.algorithm").lower()
+    meta.update({k: v for k, v in kohya.items() if v is not None})
+    return meta

@@ -2,9 +2,13 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .apply import ApplyLoRA
+from .dataset import LoadDataset
+from .plot import PlotLoss
+from .save import SaveLoRA
 from .train import TrainLoRA
 
-NODES: list[type[io.ComfyNode]] = [TrainLoRA]
+NODES: list[type[io.ComfyNode]] = [LoadDataset, TrainLoRA, SaveLoRA, PlotLoss, ApplyLoRA]
 
 
 class LoRALabExtension(ComfyExtension):

@@ -17,6 +17,7 @@ from ..lora.weights import LoraWeights
 from ..training.config import DTYPES, TrainConfig
 from ..training.loop import train
 from .bridge import ComfyTask, check_latents_fit
+from .lora_keys import to_diffusion_model_keys
 from .progress import LiveProgress
 from .spec import NONE_LORA, TRAIN_INPUTS, TRAIN_OUTPUTS, tooltip
 
@@ -43,15 +44,19 @@ def build_input(name: str, kind: str, options: dict):
     return IO_TYPES[kind].Input(name, **options)
 
 
-def load_existing(name: str, network: torch.nn.Module, prefix: str, lora_dtype: torch.dtype):
-    """Adapters and steps of the LoRA file ``name`` in the loras folder."""
+def load_existing(name: str, task: ComfyTask, lora_dtype: torch.dtype):
+    """Adapters and steps of the LoRA file ``name`` in the loras folder.
+
+    kohya (``lora_unet_...``) and PEFT/diffusers (``lora_A``/``lora_B``) names are mapped to
+    ``diffusion_model.<layer>`` through ComfyUI's own key map for the model."""
     path = folder_paths.get_full_path("loras", name)
     if path is None:
         raise ValueError(
             f"existing_lora {name!r} is not in the loras folder; refresh the node and pick a "
             "listed file, or [None] for a new LoRA.")
     tensors, metadata = read_lora_file(path)
-    adapters = adapters_from_state_dict(network, tensors, prefix, lora_dtype)
+    tensors = to_diffusion_model_keys(task.patcher, tensors)
+    adapters = adapters_from_state_dict(task.network, tensors, task.key_prefix, lora_dtype)
     return adapters, steps_of(metadata, os.path.basename(path))
 
 
@@ -98,7 +103,7 @@ class TrainLoRA(io.ComfyNode):
             existing, previous_steps = None, 0
             if existing_lora != NONE_LORA:
                 existing, previous_steps = load_existing(
-                    existing_lora, task.network, task.key_prefix, DTYPES[config.lora_dtype])
+                    existing_lora, task, DTYPES[config.lora_dtype])
             result = train(task, samples, config, existing=existing, on_step=on_step)
         total_steps = steps + previous_steps
         lora = LoraWeights(result.lora, training_metadata(model, config, result, total_steps))

@@ -34,6 +34,26 @@ _GLYPHS = {
     "_": "00000 00000 00000 00000 00000 00000 11111", "/": "00001 00010 00010 00100 01000 01000 10000",
     "N": "10001 11001 10101 10011 10001 10001 10001", "A": "01110 10001 10001 11111 10001 10001 10001",
     "?": "01110 10001 00001 00110 00100 00000 00100",
+    "b": "10000 10000 10110 11001 10001 10001 11110", "c": "00000 00000 01110 10000 10000 10001 01110",
+    "f": "00110 01001 01000 11100 01000 01000 01000", "j": "00010 00000 00110 00010 00010 10010 01100",
+    "k": "10000 10000 10010 10100 11000 10100 10010", "q": "00000 00000 01101 10011 01111 00001 00001",
+    "u": "00000 00000 10001 10001 10001 10011 01101", "v": "00000 00000 10001 10001 10001 01010 00100",
+    "y": "00000 00000 10001 10001 01111 00001 01110", "z": "00000 00000 11111 00010 00100 01000 11111",
+    "B": "11110 10001 10001 11110 10001 10001 11110", "C": "01110 10001 10000 10000 10000 10001 01110",
+    "D": "11100 10010 10001 10001 10001 10010 11100", "E": "11111 10000 10000 11110 10000 10000 11111",
+    "F": "11111 10000 10000 11110 10000 10000 10000", "G": "01110 10001 10000 10111 10001 10001 01111",
+    "H": "10001 10001 10001 11111 10001 10001 10001", "I": "01110 00100 00100 00100 00100 00100 01110",
+    "J": "00111 00010 00010 00010 00010 10010 01100", "K": "10001 10010 10100 11000 10100 10010 10001",
+    "L": "10000 10000 10000 10000 10000 10000 11111", "M": "10001 11011 10101 10101 10001 10001 10001",
+    "O": "01110 10001 10001 10001 10001 10001 01110", "P": "11110 10001 10001 11110 10000 10000 10000",
+    "Q": "01110 10001 10001 10001 10101 10010 01101", "R": "11110 10001 10001 11110 10100 10010 10001",
+    "S": "01111 10000 10000 01110 00001 00001 11110", "T": "11111 00100 00100 00100 00100 00100 00100",
+    "U": "10001 10001 10001 10001 10001 10001 01110", "V": "10001 10001 10001 10001 10001 01010 00100",
+    "W": "10001 10001 10001 10101 10101 10101 01010", "X": "10001 10001 01010 00100 01010 10001 10001",
+    "Y": "10001 10001 01010 00100 00100 00100 00100", "Z": "11111 00001 00010 00100 01000 10000 11111",
+    ":": "00000 01100 01100 00000 01100 01100 00000", "=": "00000 00000 11111 00000 11111 00000 00000",
+    ",": "00000 00000 00000 00000 01100 00100 01000", "[": "01110 01000 01000 01000 01000 01000 01110",
+    "]": "01110 00010 00010 00010 00010 00010 01110",
 }
 _BITMAPS = {
     ch: np.array([[c == "1" for c in row] for row in rows.split()], dtype=bool)
@@ -41,6 +61,7 @@ _BITMAPS = {
 }
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 WHITE, BLACK, GRID = (255, 255, 255), (40, 40, 40), (225, 225, 225)
+LEFT, RIGHT, TOP, BOTTOM = 78, 16, 30, 40  # margins around the plot area, in pixels
 
 
 def ema(values: Sequence[float], weight: float) -> list[float]:
@@ -89,6 +110,8 @@ def _fmt(v: float) -> str:
 
 def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     span = hi - lo
+    if not span > 0:
+        return [lo]
     step = 10 ** math.floor(math.log10(span / count))
     for m in (1, 2, 5, 10):
         if span / (step * m) <= count:
@@ -96,6 +119,25 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
             break
     first = math.ceil(lo / step) * step
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _series(loss_map: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """Each series of a LOSS_MAP as floats: lists of numbers or 0-d tensors, or 1-d tensors."""
+    out = {}
+    for name, values in (loss_map or {}).items():
+        if hasattr(values, "tolist"):
+            values = values.tolist()
+        if isinstance(values, (str, bytes)):
+            continue  # not a numeric series (e.g. a note stored beside the losses)
+        if isinstance(values, (int, float)):
+            values = [values]
+        try:
+            floats = [float(v) for v in values]
+        except (TypeError, ValueError):
+            continue  # not a numeric series (e.g. a note stored beside the losses)
+        if floats:
+            out[str(name)] = floats
+    return out
 
 
 def render_loss_plot(
@@ -108,12 +150,14 @@ def render_loss_plot(
     """An ``[height, width, 3]`` uint8 image of every series in ``loss_map``.
 
     Each series is drawn raw (light) and, if ``smoothing`` > 0, EMA-smoothed (solid); the x
-    axis is the step number (1-based), the y axis the value, both with labelled ticks.
+    axis is the step number (1-based), the y axis the value, both with labelled ticks. The
+    legend gives each series' last finite value. NaN/Inf (and, on a log scale, values <= 0)
+    are gaps; a value with no finite neighbour is drawn as a dot.
     """
     img = np.full((height, width, 3), WHITE, dtype=np.uint8)
-    left, right, top, bottom = 78, 16, 30, 40
+    left, right, top, bottom = LEFT, RIGHT, TOP, BOTTOM
     pw, ph = width - left - right, height - top - bottom
-    series = {k: [float(v) for v in vals] for k, vals in loss_map.items() if len(vals)}
+    series = _series(loss_map)
     transform = (lambda v: math.log10(v) if v > 0 else float("nan")) if log_scale else (lambda v: v)
     finite = [transform(v) for vals in series.values() for v in vals]
     finite = [v for v in finite if math.isfinite(v)]
@@ -125,17 +169,18 @@ def render_loss_plot(
     else:
         pad = (hi - lo) * 0.05
         lo, hi = lo - pad, hi + pad
-    x_hi = max(steps, 2)
+    # One step: centre it (x from 0 to 2); otherwise step 1 sits on the y axis.
+    x_lo, x_hi = (0, 2) if steps == 1 else (1, steps)
 
-    def to_px(i: int, v: float) -> tuple[float, float]:
-        return left + (i - 1) / (x_hi - 1) * pw, top + (hi - v) / (hi - lo) * ph
+    def to_px(i: float, v: float) -> tuple[float, float]:
+        return left + (i - x_lo) / (x_hi - x_lo) * pw, top + (hi - v) / (hi - lo) * ph
 
-    for t in _nice_ticks(lo, hi):
+    for t in _nice_ticks(lo, hi, 6):
         _, y = to_px(1, t)
         img[int(y), left:left + pw] = GRID
         label = _fmt(10 ** t if log_scale else t)
         _text(img, max(2, left - 6 - 6 * len(label)), int(y) - 3, label, BLACK)
-    for t in _nice_ticks(1, x_hi):
+    for t in _nice_ticks(1, steps):
         if t != int(t):
             continue
         x, _ = to_px(int(t), lo)
@@ -146,11 +191,18 @@ def render_loss_plot(
     img[top + ph, left:left + pw + 1] = BLACK
     _text(img, left + pw // 2 - 12, height - 14, "step", BLACK)
     _text(img, 6, 8, "loss (log)" if log_scale else "loss", BLACK)
+    if smoothing > 0 and series:
+        note = f"light: raw, dark: smoothed ({smoothing:g})"
+        _text(img, width - right - 6 * len(note), 8, note, BLACK)
+    if not finite:
+        message = "no loss values" if not series else "no finite loss values"
+        _text(img, left + pw // 2 - 6 * len(message), top + ph // 2 - 7, message, BLACK, 2)
 
+    legend = []
     for n, (name, vals) in enumerate(series.items()):
         color = PALETTE[n % len(PALETTE)]
         light = tuple(int(c + (255 - c) * 0.6) for c in color)
-        curves = [(vals, light if smoothing > 0 else color, 1)]
+        curves = [(vals, light if smoothing > 0 else color, 1 if smoothing > 0 else 2)]
         if smoothing > 0:
             curves.append((ema(vals, smoothing), color, 2))
         for values, col, lw in curves:
@@ -163,7 +215,15 @@ def render_loss_plot(
                 if math.isfinite(v) and not any(math.isfinite(u) for u in neighbours):
                     x, y = to_px(i, v)
                     img[max(0, int(y) - 2):int(y) + 3, max(0, int(x) - 2):int(x) + 3] = col
-        _text(img, left + pw - 120, top + 6 + 12 * n, name[:18], color)
+        last = next((v for v in reversed(vals) if math.isfinite(v)), None)
+        legend.append((f"{name[:24]} {_fmt(last) if last is not None else 'nan'}", color))
+    text_w = max((6 * len(t) for t, _ in legend), default=0)
+    x0 = left + pw - text_w - 26
+    for n, (text, color) in enumerate(legend):
+        y = top + 8 + 12 * n
+        img[max(0, y - 2):y + 9, max(0, x0 - 4):left + pw - 2] = WHITE
+        img[y + 3:y + 5, x0:x0 + 14] = color
+        _text(img, x0 + 18, y, text, color)
     return img
 
 

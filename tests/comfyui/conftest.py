@@ -127,3 +127,7 @@ def sd15_model(tiny_models):
 def sd3_model(tiny_models):
     """Fresh tiny SD3 ModelPatcher (seed 0); latent [B,16,16,16]."""
     return tiny_models.tiny_sd3(seed=0)
+
+
+# The shared ComfyUI HTTP server fixture (``comfy_server``, session scope).
+from comfy_server import comfy_server  # noqa: E402,F401

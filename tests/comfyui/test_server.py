@@ -1,8 +1,8 @@
 """One full training through ComfyUI's real HTTP server, with the pack installed as a custom node.
 
-A throwaway ComfyUI base directory holds ``custom_nodes/ComfyUI-LoRA-Lab`` (a symlink to this
-repository) and a tiny random UNet in ``models/diffusion_models``. ``main.py`` runs as a
-subprocess on CPU; the test checks ``/object_info``, queues an API-format prompt over
+The server (``comfy_server.py``, shared by the session) runs ``main.py --cpu`` on a throwaway
+base directory holding ``custom_nodes/ComfyUI-LoRA-Lab`` (a symlink to this repository) and a
+tiny random UNet in ``models/diffusion_models``. The test checks ``/object_info``, queues an API-format prompt over
 ``POST /prompt`` (UNETLoader -> Train LoRA -> Save LoRA, Plot Loss and KSampler -> SaveLatent),
 polls ``/history`` and checks the saved LoRA file and ``/api/workflow_templates``.
 
@@ -18,27 +18,14 @@ Only the standard library is used for HTTP.
 import glob
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-import tiny_models
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PACK_DIR_NAME = "ComfyUI-LoRA-Lab"
-MODEL_FILE = "tiny_sd20.safetensors"
-START_TIMEOUT = 90
-RUN_TIMEOUT = 180
+from comfy_server import MODEL_FILE, PACK_DIR_NAME
 
 EXPECTED_INPUTS = [
     "model", "latents", "positive", "batch_size", "grad_accumulation_steps", "steps",
@@ -49,109 +36,10 @@ EXPECTED_OUTPUTS = ["MODEL", "LORA_MODEL", "LOSS_MAP", "INT"]
 EXPECTED_OUTPUT_NAMES = ["model_with_lora", "lora", "loss", "steps"]
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, base, port, proc, log_path):
-        self.base = base
-        self.port = port
-        self.proc = proc
-        self.log_path = log_path
-        self.url = f"http://127.0.0.1:{port}"
-
-    def log_tail(self, lines=80):
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError as e:
-            return f"<no server log: {e}>"
-
-    def request(self, path, data=None, timeout=30):
-        """(status, body bytes) of a GET (data None) or a JSON POST."""
-        body, headers = None, {}
-        if data is not None:
-            body = json.dumps(data).encode()
-            headers["Content-Type"] = "application/json"
-        req = urllib.request.Request(self.url + path, data=body, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def get_json(self, path):
-        status, body = self.request(path)
-        assert status == 200, f"GET {path} -> {status}: {body[:2000]!r}"
-        return json.loads(body)
-
-
-def _make_base_dir(base):
-    os.makedirs(os.path.join(base, "custom_nodes"))
-    os.symlink(REPO, os.path.join(base, "custom_nodes", PACK_DIR_NAME), target_is_directory=True)
-    for sub in ("models/diffusion_models", "models/loras", "input", "output", "temp", "user"):
-        os.makedirs(os.path.join(base, sub), exist_ok=True)
-    sd = tiny_models.unet_state_dict(tiny_models.sd20_unet_config(), seed=0)
-    save_file(sd, os.path.join(base, "models", "diffusion_models", MODEL_FILE))
-
-
-def _stop(proc):
-    if proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
-
-
-def _restore_sigint():
-    # A shell without job control may start us with SIGINT ignored, and the child would
-    # inherit that; Python only installs its KeyboardInterrupt handler if SIGINT is not ignored.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.fixture(scope="module")
-def server(comfyui_dir, tmp_path_factory):
-    base = str(tmp_path_factory.mktemp("comfy_server_base"))
-    _make_base_dir(base)
-    port = _free_port()
-    log_path = os.path.join(base, "server.log")
-    env = dict(os.environ)
-    extra = [os.path.abspath(os.path.expanduser(p))
-             for p in os.environ.get("COMFYUI_EXTRA_PATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", base, "--database-url", "sqlite:///:memory:"]
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, cwd=comfyui_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, preexec_fn=_restore_sigint)
-    srv = Server(base, port, proc, log_path)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with code {proc.returncode} during startup.\n"
-                            f"--- server log tail ---\n{srv.log_tail()}")
-            try:
-                status, _ = srv.request("/object_info", timeout=10)
-                if status == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"ComfyUI did not answer /object_info within {START_TIMEOUT} s.\n"
-                            f"--- server log tail ---\n{srv.log_tail()}")
-            time.sleep(0.5)
-        yield srv
-    finally:
-        _stop(proc)
-        log.close()
+def server(comfy_server):
+    """The session's ComfyUI server (tests/comfyui/comfy_server.py)."""
+    return comfy_server
 
 
 def _prompt():
@@ -182,20 +70,6 @@ def _prompt():
         "8": {"class_type": "SaveLatent",
               "inputs": {"samples": ["7", 0], "filename_prefix": "latents/lora_lab_server_test"}},
     }
-
-
-def _wait_for_history(server, prompt_id):
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while time.monotonic() < deadline:
-        history = server.get_json(f"/history/{prompt_id}")
-        entry = history.get(prompt_id)
-        if entry and entry.get("status", {}).get("completed") is not None \
-                and entry["status"].get("status_str") in ("success", "error"):
-            return entry
-        if server.proc.poll() is not None:
-            pytest.fail(f"ComfyUI exited with code {server.proc.returncode} while running the prompt")
-        time.sleep(0.5)
-    pytest.fail(f"prompt {prompt_id} did not finish within {RUN_TIMEOUT} s")
 
 
 def _check_object_info(server):
@@ -244,7 +118,7 @@ def test_train_lora_through_http_server(server):
         assert not reply.get("node_errors"), reply
         prompt_id = reply["prompt_id"]
 
-        entry = _wait_for_history(server, prompt_id)
+        entry = server.wait_for_history(prompt_id)
         status = entry["status"]
         assert status["status_str"] == "success" and status["completed"], \
             "prompt failed:\n" + json.dumps(status.get("messages"), indent=1)[:6000]

@@ -1,0 +1,90 @@
+"""LoHa (Hyeon-Woo et al. 2022, "FedPara"; LyCORIS): a Hadamard product of two low-rank maps.
+
+``dW = (alpha / rank) * (w1_a @ w1_b) * (w2_a @ w2_b)`` (elementwise product), reshaped to the
+layer's weight: ``w1_a``/``w2_a`` are [out, r], ``w1_b``/``w2_b`` [r, in * kernel].
+
+- ``rank`` is r, the inner dimension of each factor (the delta can reach rank r^2).
+- Training forward: ``base(x) + delta(x)``, with ``delta`` the layer's op (same kernel,
+  stride, padding) applied with ``dW``. The Hadamard product has no low-rank shortcut, so
+  ``dW`` (the size of the layer's weight) is built each step; the base weight is not.
+- Init (LyCORIS): ``w1_a`` N(0, 0.1), ``w1_b`` and ``w2_b`` N(0, 1), ``w2_a`` zeros, so the
+  delta is exactly zero at step 0 and ``w2_a`` gets the first gradient.
+- Saved keys: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b`` (2-D) and ``alpha``;
+  ComfyUI applies ``(alpha / w1_b.shape[0]) * (w1_a @ w1_b) * (w2_a @ w2_b)``
+  (comfy/weight_adapter/loha.py:195-229).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Adapter, LayerGeometry, alpha_of, full_precision
+
+_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+class LoHa(Adapter):
+    NAME = "LoHa"
+    KEYS = _NAMES
+
+    def __init__(self, geometry: LayerGeometry, rank: int, alpha: float,
+                 compute_dtype: torch.dtype, generator: torch.Generator | None = None, *,
+                 weight=None, bias=None) -> None:
+        super().__init__(geometry, compute_dtype, weight, bias)
+        self.rank = rank
+        self.alpha = float(alpha)
+        out, fan_in = geometry.out_features, geometry.fan_in
+        self.w1_a = nn.Parameter(torch.zeros(out, rank))
+        self.w1_b = nn.Parameter(torch.zeros(rank, fan_in))
+        self.w2_a = nn.Parameter(torch.zeros(out, rank))
+        self.w2_b = nn.Parameter(torch.zeros(rank, fan_in))
+        if generator is not None:
+            with torch.no_grad():
+                self.w1_a.normal_(0.0, 0.1, generator=generator)
+                self.w1_b.normal_(0.0, 1.0, generator=generator)
+                self.w2_b.normal_(0.0, 1.0, generator=generator)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        w1a, w1b, w2a, w2b = (self.rounded(p) for p in (self.w1_a, self.w1_b, self.w2_a, self.w2_b))
+        with full_precision(w1a):
+            product = (w1a @ w1b) * (w2a @ w2b) * self.scale
+        return product.reshape(self.geometry.weight_shape)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return self.geometry.linear_op(x, self.delta_weight().to(x.dtype))
+
+    def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        params = (self.w1_a, self.w1_b, self.w2_a, self.w2_b)
+        state = {f"{prefix}.{name}": self.saved(p) for name, p in zip(_NAMES, params)}
+        state[f"{prefix}.alpha"] = torch.tensor(self.alpha, dtype=torch.float32)
+        return state
+
+    @classmethod
+    def from_state_dict(cls, geometry, tensors, prefix, compute_dtype, *, weight=None, bias=None):
+        rank = tensors[f"{prefix}.hada_w1_b"].shape[0]
+        alpha = alpha_of(tensors, prefix)
+        adapter = cls(geometry, rank, alpha if alpha is not None else float(rank), compute_dtype,
+                      weight=weight, bias=bias)
+        with torch.no_grad():
+            for name, p in zip(_NAMES, (adapter.w1_a, adapter.w1_b, adapter.w2_a, adapter.w2_b)):
+                p.copy_(tensors[f"{prefix}.{name}"].float().reshape(p.shape))
+        return adapter
+
+    @staticmethod
+    def expected_shapes(geometry, tensors, prefix):
+        if f"{prefix}.hada_t1" in tensors:
+            raise ValueError(
+                f"The LoRA key {prefix}.hada_t1 is a Tucker-decomposed LoHa, which cannot be "
+                "continued; start a new LoHa or pick another file.")
+        shape = tensors[f"{prefix}.hada_w1_b"].shape
+        rank = shape[0] if len(shape) else 0
+        out, fan_in = geometry.out_features, geometry.fan_in
+        return {
+            f"{prefix}.hada_w1_a": {(out, rank)}, f"{prefix}.hada_w1_b": {(rank, fan_in)},
+            f"{prefix}.hada_w2_a": {(out, rank)}, f"{prefix}.hada_w2_b": {(rank, fan_in)},
+        }
