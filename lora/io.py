@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -173,6 +174,7 @@ def save_lora_file(
 
     target, base = lora_file_target(folder, stem)
     os.makedirs(target, exist_ok=True)
+    _remove_stale_temporaries(target, base)
     pattern = re.compile(re.escape(base) + r"(?:_\d+_steps)?_(\d+)_\.safetensors$")
     used = [int(m.group(1)) for f in os.listdir(target) if (m := pattern.match(f))]
     counter = max(used, default=0) + 1
@@ -191,6 +193,22 @@ def save_lora_file(
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _remove_stale_temporaries(target: str, base: str) -> None:
+    """Delete temporaries of saves whose process died mid-write (killed, power loss)."""
+    pattern = re.compile(re.escape(f".{base}.") + r"(\d+)\.[0-9a-f]+\.tmp$")
+    for name in os.listdir(target):
+        match = pattern.match(name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(target, name))
+        except (PermissionError, OverflowError):
+            pass  # alive (another user's process) or not a pid: leave it
 
 
 def lora_file_target(folder: str, stem: str) -> tuple[str, str]:

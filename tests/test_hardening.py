@@ -126,3 +126,41 @@ def test_fuzzed_lora_files_raise_only_value_errors(tmp_path_factory, data):
         adapters_from_state_dict(_network(), tensors, "diffusion_model.", torch.float32)
     except ValueError:
         pass
+
+
+_SAVER = r"""
+import os, sys, time, torch, safetensors.torch
+real_save = safetensors.torch.save_file
+
+def save_then_hang(tensors, path, metadata=None):  # the process dies mid-write
+    real_save(tensors, path, metadata=metadata)
+    os.truncate(path, os.path.getsize(path) // 2)
+    print("writing", flush=True)
+    time.sleep(120)
+
+safetensors.torch.save_file = save_then_hang
+from lora_lab.lora.io import save_lora_file
+save_lora_file({"diffusion_model.l.lora_up.weight": torch.ones(256, 256)}, sys.argv[1], "victim")
+"""
+
+
+def test_a_save_killed_mid_write_leaves_no_lora_and_the_next_save_cleans_up(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from lora_lab.lora.io import save_lora_file
+
+    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")], "no partial write seen"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".safetensors")]
+    path = save_lora_file({"a.lora_up.weight": torch.ones(2, 2)}, str(tmp_path), "victim")
+    assert os.listdir(tmp_path) == [os.path.basename(path)]
