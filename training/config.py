@@ -24,8 +24,9 @@ class TrainConfig:
     steps: int = _opt(16, "Optimizer steps to train for (not counting micro-batches).")
     learning_rate: float = _opt(0.0005, "Learning rate of the optimizer.")
     rank: int = _opt(
-        8, "Rank of the adapter layers (LoRA: the inner dimension). A layer too small for it "
-        "uses min(in, out). Ignored when continuing an existing LoRA, which keeps its rank.")
+        8, "Size of the adapters. LoRA, DoRA, LoHa, GLoRA: the inner dimension r; LoKr: the "
+        "Kronecker factor; OFT, BOFT: the block size. A layer too small for it uses what it "
+        "allows. Ignored when continuing an existing LoRA, which keeps its own.")
     alpha: float = _opt(1.0, "LoRA alpha: the delta is scaled by alpha / rank.")
     optimizer: str = _opt("AdamW", "Optimizer; torch's default hyperparameters.")
     loss_function: str = _opt(
@@ -40,7 +41,9 @@ class TrainConfig:
     lora_dtype: str = _opt(
         "bf16", "Dtype of the saved adapter weights and of the adapter in the forward pass. "
         "The optimizer always updates fp32 master weights, so small bf16 updates are not lost.")
-    algorithm: str = _opt("LoRA", "The adapter algorithm to train.")
+    algorithm: str = _opt(
+        "LoRA", "The adapter algorithm to train: LoRA, LoHa, LoKr, OFT, BOFT, GLoRA or DoRA. "
+        "When continuing an existing LoRA, the file's own algorithm is used, whatever this says.")
     gradient_checkpointing: bool = _opt(
         True, "Recompute the model's blocks in backward instead of storing their activations: "
         "less memory, about one more forward of time per step.")
