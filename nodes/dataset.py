@@ -46,7 +46,7 @@ class LoadDataset(io.ComfyNode):
         latents = []
         for index, pixels in enumerate(images):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            batch = torch.from_numpy(pixels).float().div(255.0).unsqueeze(0)  # [1, H, W, 3]
+            batch = torch.tensor(pixels, dtype=torch.float32).div(255.0).unsqueeze(0)  # [1, H, W, 3]
             latents.append(vae.encode(batch))
             progress.update_absolute(index + 1, len(images))
         encoded: dict[str, list] = {}
