@@ -57,8 +57,8 @@ class LoRA(Adapter):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         g = self.geometry
         hidden = g.linear_op(x, self.cast(self.down, x))
-        up = self.cast(self.up, x)
-        return g.pointwise_op(hidden, up.flatten(1)) * self.scale
+        up = (self.rounded(self.up).flatten(1) * self.scale).to(x.dtype)  # scale on the small side
+        return g.pointwise_op(hidden, up)
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         down = self.rounded(self.down).flatten(1)
