@@ -2,6 +2,7 @@
 
 import gc
 import json
+import os
 import logging
 import struct
 
@@ -115,7 +116,9 @@ def lora_files(draw):
 FUZZ_COUNT = {"n": 0}
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+# 300 inputs in CI; LORA_LAB_FUZZ_EXAMPLES=20000 for a longer local run.
+@settings(max_examples=int(os.environ.get("LORA_LAB_FUZZ_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=list(HealthCheck))
 @given(data=lora_files())
 def test_fuzzed_lora_files_raise_only_value_errors(tmp_path_factory, data):
     FUZZ_COUNT["n"] += 1
@@ -126,6 +129,8 @@ def test_fuzzed_lora_files_raise_only_value_errors(tmp_path_factory, data):
         adapters_from_state_dict(_network(), tensors, "diffusion_model.", torch.float32)
     except ValueError:
         pass
+    if FUZZ_COUNT["n"] % 1000 == 0:
+        print(f"fuzzed {FUZZ_COUNT['n']} LoRA files")
 
 
 _SAVER = r"""
@@ -145,7 +150,6 @@ save_lora_file({"diffusion_model.l.lora_up.weight": torch.ones(256, 256)}, sys.a
 
 
 def test_a_save_killed_mid_write_leaves_no_lora_and_the_next_save_cleans_up(tmp_path):
-    import os
     import signal
     import subprocess
     import sys
