@@ -78,7 +78,7 @@ class LoKr(Adapter):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         g = self.geometry
         w1, w2 = self.cast(self.w1, x), self.cast(self.w2, x)
-        (o1, i1), o2 = w1.shape, w2.shape[0]
+        i1, o2 = w1.shape[1], w2.shape[0]
         if not g.is_conv:
             split = x.unflatten(-1, (i1, -1))  # [..., i1, i2]
             hidden = torch.matmul(split, w2.t())  # [..., i1, o2]

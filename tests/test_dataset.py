@@ -1,6 +1,5 @@
 """Image folders as training data: order, kohya repeats, captions, resizing, bad files."""
 
-import os
 
 import numpy as np
 import pytest

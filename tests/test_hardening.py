@@ -16,7 +16,6 @@ from lora_lab.lora.inject import create_adapters
 from lora_lab.lora.io import adapters_from_state_dict, read_lora_file
 from lora_lab.training.config import TrainConfig
 from lora_lab.training.loop import train
-from lora_lab.training.task import TorchTask, discrete_vp_sigmas
 from tiny_tasks import make_task
 
 

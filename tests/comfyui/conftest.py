@@ -129,5 +129,36 @@ def sd3_model(tiny_models):
     return tiny_models.tiny_sd3(seed=0)
 
 
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The pack imported as ComfyUI imports a custom node: by its folder, as a package."""
+    import importlib.util
+
+    name = "lora_lab_under_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    repo = os.path.dirname(os.path.dirname(_HERE))
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(repo, "__init__.py"), submodule_search_locations=[repo])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def pack_nodes(pack):
+    """The pack's node classes by node id, from its ``comfy_entrypoint``."""
+    import asyncio
+
+    extension = asyncio.run(pack.comfy_entrypoint())
+    return {n.define_schema().node_id: n for n in asyncio.run(extension.get_node_list())}
+
+
+@pytest.fixture(scope="session")
+def train_node(pack_nodes):
+    return pack_nodes["LoRALab_TrainLoRA"]
+
+
 # The shared ComfyUI HTTP server fixture (``comfy_server``, session scope).
 from comfy_server import comfy_server  # noqa: E402,F401

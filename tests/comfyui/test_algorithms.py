@@ -5,13 +5,11 @@ training forward, and continued from the saved file."""
 
 import importlib
 import logging
-import os
 
 import pytest
 import torch
 
-import tiny_models
-from test_train_node import FAMILIES, model_output, pack, run_train, train_node  # noqa: F401
+from test_train_node import FAMILIES, model_output, run_train
 
 ALGORITHMS = ["LoRA", "LoHa", "LoKr", "OFT", "BOFT", "GLoRA", "DoRA"]
 TOL = 1e-4

@@ -1,11 +1,7 @@
 """Save LoRA, Plot Loss, Apply LoRA and Load Image Dataset inside real ComfyUI (in-process):
 what each node hands to ComfyUI's own nodes, and what it writes."""
 
-import asyncio
-import importlib.util
-import logging
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -14,28 +10,11 @@ from safetensors import safe_open
 
 import tiny_models
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PACK_NAME = "lora_lab_under_test"  # the name test_train_node.py imports the pack under
 
 
 @pytest.fixture(scope="module")
-def pack(comfy):
-    """The pack imported as ComfyUI imports a custom node: by its folder, as a package."""
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(
-        PACK_NAME, os.path.join(REPO, "__init__.py"), submodule_search_locations=[REPO])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def node(pack):
-    extension = asyncio.run(pack.comfy_entrypoint())
-    found = {n.define_schema().node_id: n for n in asyncio.run(extension.get_node_list())}
-    return found.__getitem__
+def node(pack_nodes):
+    return pack_nodes.__getitem__
 
 
 @pytest.fixture

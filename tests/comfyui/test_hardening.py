@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tiny_models
-from test_train_node import model_output, run_train, train_node, pack  # noqa: F401  fixtures
+from test_train_node import model_output, run_train
 
 
 def module_state(patcher):

@@ -1,38 +1,13 @@
 """Train LoRA inside real ComfyUI: tiny SD1.x (eps) and SD3 (flow) models from ComfyUI's own
 detection, outputs plugged into ComfyUI's core nodes, and the input model left untouched."""
 
-import asyncio
-import importlib.util
 import logging
 import os
-import sys
 
 import pytest
 import torch
 
 import tiny_models
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="session")
-def pack(comfy):
-    """The pack imported as ComfyUI imports a custom node: by its folder, as a package."""
-    name = "lora_lab_under_test"
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(REPO, "__init__.py"), submodule_search_locations=[REPO])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def train_node(pack):
-    extension = asyncio.run(pack.comfy_entrypoint())
-    nodes = {n.define_schema().node_id: n for n in asyncio.run(extension.get_node_list())}
-    return nodes["LoRALab_TrainLoRA"]
-
 
 FAMILIES = {
     "sd15": (tiny_models.tiny_sd15, tiny_models.sd15_cond, (3, 4, 8, 8)),
