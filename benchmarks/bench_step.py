@@ -7,20 +7,29 @@ What is measured, for every cell of the matrix {bf16, fp32} x {checkpointing off
   ``warmup + steps`` steps (default 3 + 10); a timestamp is taken in ``on_step`` after every
   step (after ``torch.cuda.synchronize()`` on CUDA) and the step times are the differences of
   consecutive timestamps, warm-up steps discarded.
-- **forward ms**: the median of ``--forwards`` (default 10, after 2 warm-up) no-grad forwards
-  of the same batch (batch 1: one noised latent, its sigma and its conditioning, drawn as the
+- **forward ms**: the median of ``--forwards`` (default 10: half right before ``train()``,
+  half right after it, each block after 2 untimed) no-grad forwards of the same batch (batch 1: one noised latent, its sigma and its conditioning, drawn as the
   loop draws them) through ``task.predict`` under ``torch.no_grad()`` and the same autocast
   as training (bf16 autocast for training_dtype bf16, none for fp32), with no adapters
   installed: the plain network forward a training step is compared with.
 - **fwd+LoRA ms**: the same forward with the trained adapters installed (the forward half of
   a training step, without autograd).
-- **step/fwd**: step ms / forward ms. A frozen base model needs only input gradients, so a
-  step is ideally about one forward + one backward (~2x forward) plus the adapters and the
+- **step/forward**: step ms / forward ms. A frozen base model needs only input gradients, so
+  a step is ideally about one forward + one backward (~2x forward) plus the adapters and the
   optimizer; with checkpointing one more forward is recomputed.
+- **sampler fwd ms**, **step/sampler fwd**: the same forward as a sampler runs it, under
+  ``torch.inference_mode()`` on a plain model: for the comfy backend a fresh ``clone()`` of
+  the model patcher loaded without the task's weight wrappers (``ComfyTask`` installs
+  identity weight wrappers so that ComfyUI copies its inference-mode weights into normal
+  tensors on every layer call; those copies are part of **forward ms**, not of this one),
+  called through ``BaseModel.apply_model``; for the torch backend ``task.predict``. Its
+  ratio is the training cost relative to generating with the model.
 - **peak MiB**:
   - ``--device cpu``: the peak *RSS growth* of the process during ``train()``: the kernel's
     high-water mark ``VmHWM`` is reset to the current RSS (``echo 5 > /proc/self/clear_refs``)
-    right before ``train()``, and ``VmHWM - VmRSS_before`` is read right after. It counts
+    right before ``train()`` (after ``gc.collect()`` and glibc ``malloc_trim(0)``, which hands
+    freed heap memory back, so memory freed earlier is not silently reused), and
+    ``VmHWM - VmRSS_before`` is read right after. It counts
     everything training adds to the resident memory (activations, adapters, optimizer state,
     gradient buffers, allocator slack), not the model weights that were already loaded. If
     ``clear_refs`` is not writable, a thread samples ``VmRSS`` every 2 ms instead.
@@ -29,7 +38,12 @@ What is measured, for every cell of the matrix {bf16, fp32} x {checkpointing off
     ``memory_allocated()`` before ``train()`` is shown in parentheses.
 
 Each cell runs in its own subprocess (``--cell``), so the memory of one cell, allocator
-caches and warm-up state do not leak into the next. On CPU ``torch.set_num_threads`` is set
+caches and warm-up state do not leak into the next. Every cell is run ``--repeat`` times
+(default 3, round-robin over the cells) and the table shows, per cell, the median over the
+runs of each run's median times and of each run's ratios (small shared VMs drift by 20% and
+more from one minute to the next; a ratio taken inside one process is far steadier than an
+absolute time). The CPUs that other processes kept busy during each run are measured from
+``/proc/stat`` and printed; ``--wait-idle`` and ``--retry-busy`` help on a shared machine. On CPU ``torch.set_num_threads`` is set
 to ``--threads`` (default: the CPUs this process may run on) in every cell.
 
 Backends:
@@ -63,6 +77,8 @@ CUDA) over 3 extra training steps, to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -148,6 +164,8 @@ def build_torch(device: str):
     params = sum(p.numel() for p in network.parameters())
     api = dict(train=train, TrainConfig=TrainConfig, ForwardPatches=ForwardPatches,
                adapter_patches=adapter_patches)
+    api["sampler_session"] = contextlib.nullcontext
+    api["sampler_predict"] = task.predict
     return "TinyUNet 128x(1,2,4)", params, task, latents, api, lambda f: f()
 
 
@@ -176,7 +194,7 @@ def setup_comfy(device: str):
     spec.loader.exec_module(pack)
 
 
-def build_comfy(device: str, model: str):
+def build_comfy(device: str, model: str, training_dtype: str):
     import importlib
 
     import torch
@@ -198,11 +216,36 @@ def build_comfy(device: str, model: str):
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         positive = cond(seed=3)
     with torch.inference_mode(False):
-        task = bridge.ComfyTask(patcher.clone(), positive, latents)
+        try:  # as the Train LoRA node builds it
+            task = bridge.ComfyTask(patcher.clone(), positive, latents, training_dtype)
+        except TypeError:  # a ComfyTask without the training_dtype argument
+            task = bridge.ComfyTask(patcher.clone(), positive, latents)
     params = sum(p.numel() for p in task.network.parameters())
     api = dict(train=loop.train, TrainConfig=config.TrainConfig,
                ForwardPatches=inject.ForwardPatches, adapter_patches=inject.adapter_patches)
     name = {"sd15": "ComfyUI SD1.x UNet (tiny medium)", "sd3": "ComfyUI SD3 MMDiT (tiny medium)"}
+
+    @contextlib.contextmanager
+    def sampler_session():
+        """A plain clone of the model loaded as for sampling: no weight wrappers, no patches."""
+        import comfy.model_management
+
+        plain = patcher.clone()
+        comfy.model_management.load_models_gpu([plain], force_full_load=True)
+        try:
+            state["plain"] = plain
+            yield
+        finally:
+            bridge.release(plain)
+
+    def sampler_predict(x_t, sigma, samples):
+        import comfy.samplers
+
+        kwargs = comfy.samplers.cond_cat([task.sample_conds[int(i)] for i in samples])
+        return state["plain"].model.apply_model(x_t, sigma, **kwargs)
+
+    state = {}
+    api["sampler_session"], api["sampler_predict"] = sampler_session, sampler_predict
     return name[model], params, task, latents, api, run_outside_inference
 
 
@@ -222,7 +265,7 @@ def run_cell(args) -> dict:
     if args.backend == "torch":
         model, params, task, latents, api, wrap = build_torch(args.device)
     else:
-        model, params, task, latents, api, wrap = build_comfy(args.device, args.model)
+        model, params, task, latents, api, wrap = build_comfy(args.device, args.model, args.dtype)
     dtype, ckpt = args.dtype, args.checkpointing == "on"
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -241,9 +284,50 @@ def run_cell(args) -> dict:
     def train():
         return api["train"](task, latents, config, on_step=on_step)
 
+    def forwards(adapters, count: int, sampler: bool = False) -> list[float]:
+        """``count`` timed no-grad forwards (after 2 untimed) of one batch-1 sample, drawn as
+        the training loop draws it.
+
+        ``sampler``: through a plain clone under ``torch.inference_mode`` instead (what a
+        sampler's forward costs: no weight wrappers, no patches, no autograd bookkeeping)."""
+        g = torch.Generator().manual_seed(1)
+        dataset = task.prepare_latents(latents.clone()).float().cpu()
+        samples = torch.tensor([0])
+        x0 = dataset[samples].to(task.device)
+        noise = torch.randn(x0.shape, generator=g).to(task.device)
+        sigma = task.sample_sigmas(1, g).to(task.device)
+        x_t = task.add_noise(x0, noise, sigma)
+        patches = api["ForwardPatches"](api["adapter_patches"](task.network, adapters))
+        if sampler:
+            grad_mode, session, predict = torch.inference_mode(), api["sampler_session"](), \
+                api["sampler_predict"]
+        else:
+            grad_mode, session, predict = torch.no_grad(), task.session(patches), task.predict
+        times = []
+        with grad_mode, session, torch.autocast(
+                task.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            for i in range(2 + count):
+                sync()
+                start = time.perf_counter()
+                predict(x_t, sigma, samples)
+                sync()
+                if i >= 2:
+                    times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+    # Forwards in two blocks, before and after training, so that a slow or fast phase of the
+    # machine affects both sides of the ratio alike.
+    first = args.forwards // 2
+    base_ms = wrap(lambda: forwards({}, first))
+    sampler_ms = forwards({}, first, sampler=True)
+
     import gc
 
     gc.collect()
+    try:  # give freed heap memory back, so RSS growth counts all memory training touches
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -259,31 +343,9 @@ def run_cell(args) -> dict:
         memory = dict(peak_mib=rss.growth_mib, growth_mib=rss.growth_mib,
                       method=f"RSS growth ({rss.method})")
     step_ms = [(b - a) * 1e3 for a, b in zip(stamps[args.warmup - 1:], stamps[args.warmup:])]
-
-    def forwards(adapters) -> list[float]:
-        """No-grad forwards of one batch-1 sample, drawn as the training loop draws it."""
-        g = torch.Generator().manual_seed(1)
-        dataset = task.prepare_latents(latents.clone()).float().cpu()
-        samples = torch.tensor([0])
-        x0 = dataset[samples].to(task.device)
-        noise = torch.randn(x0.shape, generator=g).to(task.device)
-        sigma = task.sample_sigmas(1, g).to(task.device)
-        x_t = task.add_noise(x0, noise, sigma)
-        patches = api["ForwardPatches"](api["adapter_patches"](task.network, adapters))
-        times = []
-        with torch.no_grad(), task.session(patches), torch.autocast(
-                task.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            for i in range(2 + args.forwards):
-                sync()
-                start = time.perf_counter()
-                task.predict(x_t, sigma, samples)
-                sync()
-                if i >= 2:
-                    times.append((time.perf_counter() - start) * 1e3)
-        return times
-
-    base_ms = wrap(lambda: forwards({}))
-    lora_ms = wrap(lambda: forwards(result.adapters))
+    base_ms += wrap(lambda: forwards({}, args.forwards - first))
+    sampler_ms += forwards({}, args.forwards - first, sampler=True)
+    lora_ms = wrap(lambda: forwards(result.adapters, args.forwards))
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -297,10 +359,11 @@ def run_cell(args) -> dict:
               f"(3 steps)\n" + prof.key_averages().table(sort_by=key, row_limit=args.profile),
               file=sys.stderr)
 
-    step, fwd = statistics.median(step_ms), statistics.median(base_ms)
+    step, fwd, plain = (statistics.median(t) for t in (step_ms, base_ms, sampler_ms))
     return dict(model=model, params=params, dtype=dtype, checkpointing=args.checkpointing,
                 step_ms=step, forward_ms=fwd, lora_forward_ms=statistics.median(lora_ms),
-                ratio=step / fwd, memory=memory, step_times_ms=step_ms,
+                ratio=step / fwd, sampler_forward_ms=plain, sampler_ratio=step / plain,
+                memory=memory, step_times_ms=step_ms, sampler_forward_times_ms=sampler_ms,
                 forward_times_ms=base_ms, lora_forward_times_ms=lora_ms,
                 losses=result.losses)
 
@@ -363,6 +426,21 @@ def run_cell_process(args, dtype: str, ckpt: str) -> dict:
     return result
 
 
+def combine(runs: list[dict]) -> dict:
+    """One row from the repeated runs of a cell: medians over the runs (of each run's median
+    time; of each run's ratio); every run is kept under ``runs``."""
+    row = dict(runs[0])
+    for key in ("step_ms", "forward_ms", "lora_forward_ms", "ratio", "sampler_forward_ms",
+                "sampler_ratio"):
+        row[key] = statistics.median(r[key] for r in runs)
+    row["memory"] = dict(runs[0]["memory"], **{
+        key: statistics.median(r["memory"][key] for r in runs)
+        for key in ("peak_mib", "growth_mib")})
+    row["other_load_cpus"] = max(r["other_load_cpus"] for r in runs)
+    row["runs"] = runs
+    return row
+
+
 def machine(args) -> str:
     import torch
 
@@ -372,7 +450,12 @@ def machine(args) -> str:
             cpu = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M).group(1)
     except (OSError, AttributeError):
         pass
-    line = (f"torch {torch.__version__}, Python {platform.python_version()}, {cpu}, "
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, text=True,
+                                capture_output=True).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    line = (f"LoRA Lab {commit}, torch {torch.__version__}, Python {platform.python_version()}, {cpu}, "
             f"{os.cpu_count()} CPUs")
     if args.device == "cpu":
         line += (f", {args.threads} torch threads, CPU capability "
@@ -393,6 +476,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps (discarded)")
     parser.add_argument("--steps", type=int, default=10, help="measured steps")
     parser.add_argument("--forwards", type=int, default=10, help="measured forwards")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of every cell (each in a fresh process, round-robin over "
+                             "the cells); the table shows the medians over the runs")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch.set_num_threads on CPU (default: the usable CPUs)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -409,6 +495,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first step's time includes setup)")
+    if min(args.steps, args.forwards, args.repeat) < 1:
+        parser.error("--steps, --forwards and --repeat must be at least 1")
 
     if args.cell:  # one cell, in a subprocess: print its result as the last line
         print("RESULT " + json.dumps(run_cell(args)), flush=True)
@@ -421,36 +509,41 @@ def main() -> None:
     cells = [(d, c) for d in args.dtypes.split(",") for c in args.checkpointing.split(",")]
     results = []
     started = time.perf_counter()
-    for dtype, ckpt in cells:
-        best = None
-        for attempt in range(1 + args.retry_busy):
-            result = run_cell_process(args, dtype, ckpt)
-            if best is None or result["other_load_cpus"] < best["other_load_cpus"]:
-                best = result
-            if best["other_load_cpus"] <= BUSY:
-                break
-        best["attempts"] = attempt + 1
-        results.append(best)
+    runs: dict[tuple[str, str], list[dict]] = {cell: [] for cell in cells}
+    for _ in range(args.repeat):  # round-robin, so a slow phase of the machine hits all cells
+        for dtype, ckpt in cells:
+            best = None
+            for attempt in range(1 + args.retry_busy):
+                result = run_cell_process(args, dtype, ckpt)
+                if best is None or result["other_load_cpus"] < best["other_load_cpus"]:
+                    best = result
+                if best["other_load_cpus"] <= BUSY:
+                    break
+            best["attempts"] = attempt + 1
+            runs[dtype, ckpt].append(best)
+    results = [combine(runs[cell]) for cell in cells]
 
     cuda = args.device == "cuda"
     memory_header = "peak MiB (cuda max allocated, +growth)" if cuda else "peak MiB (RSS growth)"
     print(f"\nmachine: {machine(args)}")
     print(f"batch 1, rank {RANK}, AdamW, lora_dtype {LORA_DTYPE}, {LATENTS} latents, grad "
           f"accumulation 1; median of {args.steps} steps after {args.warmup} warm-up, "
-          f"median of {args.forwards} forwards; total {time.perf_counter() - started:.0f} s\n")
+          f"median of {args.forwards} forwards (half before, half after training); medians "
+          f"over {args.repeat} runs per cell; total {time.perf_counter() - started:.0f} s\n")
     print(f"| model | params | dtype | checkpointing | step ms (median) | forward ms | "
-          f"fwd+LoRA ms | step/forward | {memory_header} |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"fwd+LoRA ms | step/forward | sampler fwd ms | step/sampler fwd | {memory_header} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         m = r["memory"]
         memory = (f"{m['peak_mib']:.0f} (+{m['growth_mib']:.0f})" if cuda
                   else f"{m['peak_mib']:.0f}")
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['dtype']} | {r['checkpointing']} "
               f"| {r['step_ms']:.1f} | {r['forward_ms']:.1f} | {r['lora_forward_ms']:.1f} "
-              f"| {r['ratio']:.2f} | {memory} |")
-    loads = [r["other_load_cpus"] for r in results if r["other_load_cpus"] is not None]
+              f"| {r['ratio']:.2f} | {r['sampler_forward_ms']:.1f} | {r['sampler_ratio']:.2f} "
+              f"| {memory} |")
+    loads = [r["other_load_cpus"] for r in results]
     if loads:
-        print(f"\nother processes' CPU load during the cells: "
+        print(f"\nother processes' CPU load during the cells (most in any run): "
               f"{', '.join(f'{v:.2f}' for v in loads)} CPUs"
               + ("  <-- the machine was busy: timings are inflated" if max(loads) > BUSY else ""))
     if args.json:
