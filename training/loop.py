@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..lora import ADAPTERS, Adapter
 from ..lora.inject import ForwardPatches, adapter_patches, create_adapters, lora_state_dict
 from ..losses import LOSSES, per_sample_loss
-from ..optimizers import OPTIMIZERS
+from ..optimizers import OPTIMIZERS, make_optimizer
 from .batching import EpochSampler
 from .checkpointing import checkpoint_blocks, checkpointed
 from .config import DTYPES, TrainConfig
@@ -167,7 +167,7 @@ def _train(task, latents, config, existing, on_step) -> TrainResult:
     params = [p for adapter in adapters.values() for p in adapter.parameters()]
     for p in params:
         p.requires_grad_(True)
-    optimizer = OPTIMIZERS[config.optimizer](params, lr=config.learning_rate)
+    optimizer = make_optimizer(config.optimizer, params, config.learning_rate)
 
     count = latents.shape[0]
     batch_size = config.batch_size
