@@ -354,10 +354,15 @@ def run_cell(args) -> dict:
         short = dataclasses.replace(config, steps=3)
         with profile(activities=activities) as prof:
             wrap(lambda: api["train"](task, latents, short))
-        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        averages = prof.key_averages()
+        try:
+            table = averages.table(sort_by="self_device_time_total" if cuda else
+                                   "self_cpu_time_total", row_limit=args.profile)
+        except (KeyError, AttributeError):  # torch before the device_time names
+            table = averages.table(sort_by="self_cuda_time_total" if cuda else
+                                   "self_cpu_time_total", row_limit=args.profile)
         print(f"\n### profile: {model} {dtype} checkpointing {args.checkpointing} "
-              f"(3 steps)\n" + prof.key_averages().table(sort_by=key, row_limit=args.profile),
-              file=sys.stderr)
+              f"(3 steps)\n{table}", file=sys.stderr)
 
     step, fwd, plain = (statistics.median(t) for t in (step_ms, base_ms, sampler_ms))
     return dict(model=model, params=params, dtype=dtype, checkpointing=args.checkpointing,
