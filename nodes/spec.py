@@ -10,6 +10,7 @@ from ..lora import ADAPTERS
 from ..losses import LOSSES
 from ..optimizers import OPTIMIZERS
 from ..training.config import DTYPES, TrainConfig
+from .companion_spec import NodeSpec
 
 NONE_LORA = "[None]"
 
@@ -29,7 +30,8 @@ TRAIN_INPUTS: list[tuple[str, str, dict]] = [
     ("rank", "INT", {"default": 8, "min": 1, "max": 128}),
     ("optimizer", "COMBO", {"options": list(OPTIMIZERS), "default": "AdamW"}),
     ("loss_function", "COMBO", {"options": list(LOSSES), "default": "MSE"}),
-    ("seed", "INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+    ("seed", "INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                     "control_after_generate": True}),
     ("training_dtype", "COMBO", {"options": list(DTYPES), "default": "bf16"}),
     ("lora_dtype", "COMBO", {"options": list(DTYPES), "default": "bf16"}),
     ("algorithm", "COMBO", {"options": list(ADAPTERS), "default": next(iter(ADAPTERS))}),
@@ -58,3 +60,16 @@ def tooltip(name: str, options: dict) -> str:
     if "tooltip" in options:
         return options["tooltip"]
     return TrainConfig.help(name)
+
+
+TRAIN_LORA = NodeSpec(
+    node_id="LoRALab_TrainLoRA",
+    display_name="Train LoRA",
+    description=(
+        "Train a LoRA on a diffusion model from latents and conditioning. The loss is taken in "
+        "the model's native prediction space (noise, v or flow velocity)."),
+    inputs=[(name, kind, {**options, "tooltip": tooltip(name, options)})
+            for name, kind, options in TRAIN_INPUTS],
+    outputs=TRAIN_OUTPUTS,
+    flags={"not_idempotent": True},
+)

@@ -19,29 +19,14 @@ from ..training.loop import train
 from .bridge import ComfyTask, check_latents_fit
 from .lora_keys import to_diffusion_model_keys
 from .progress import LiveProgress
-from .spec import NONE_LORA, TRAIN_INPUTS, TRAIN_OUTPUTS, tooltip
+from .schema import build_schema
+from .spec import NONE_LORA, TRAIN_LORA
 
 log = logging.getLogger(__name__)
-
-IO_TYPES = {
-    "MODEL": io.Model, "LATENT": io.Latent, "CONDITIONING": io.Conditioning, "INT": io.Int,
-    "FLOAT": io.Float, "COMBO": io.Combo, "BOOLEAN": io.Boolean, "LORA_MODEL": io.LoraModel,
-    "LOSS_MAP": io.LossMap,
-}
 
 
 def lora_files() -> list[str]:
     return folder_paths.get_filename_list("loras")
-
-
-def build_input(name: str, kind: str, options: dict):
-    options = dict(options)
-    options["tooltip"] = tooltip(name, options)
-    if name == "existing_lora":
-        options["options"] = [NONE_LORA] + lora_files()
-    if name == "seed":
-        options["control_after_generate"] = True
-    return IO_TYPES[kind].Input(name, **options)
 
 
 def load_existing(name: str, task: ComfyTask, lora_dtype: torch.dtype):
@@ -63,20 +48,8 @@ def load_existing(name: str, task: ComfyTask, lora_dtype: torch.dtype):
 class TrainLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="LoRALab_TrainLoRA",
-            display_name="Train LoRA",
-            category="LoRA Lab",
-            description=(
-                "Train a LoRA on a diffusion model from latents and conditioning. The loss is "
-                "taken in the model's native prediction space (noise, v or flow velocity)."),
-            inputs=[build_input(name, kind, options) for name, kind, options in TRAIN_INPUTS],
-            outputs=[
-                IO_TYPES[kind].Output(id, display_name=display, tooltip=tip)
-                for id, kind, display, tip in TRAIN_OUTPUTS
-            ],
-            not_idempotent=True,
-        )
+        # the loras folder is listed each time the node list is built, so new files appear
+        return build_schema(TRAIN_LORA, existing_lora={"options": [NONE_LORA] + lora_files()})
 
     @classmethod
     def execute(
