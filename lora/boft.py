@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, LayerGeometry, alpha_of, full_precision
-from .oft import cayley
+from .base import LayerGeometry, alpha_of, full_precision
+from .oft import Rotation, cayley
 
 
 def butterfly_shape(dimension: int, rank: int) -> tuple[int, int]:
@@ -54,7 +54,7 @@ def butterfly(rotations: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class BOFT(Adapter):
+class BOFT(Rotation):
     NAME = "BOFT"
     KEYS = ("oft_blocks",)
     USES_BASE_BIAS = True
@@ -97,8 +97,7 @@ class BOFT(Adapter):
 
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             out = base_forward(x, *args, **kwargs)
-            linear = out if self.base_bias is None else out - self.per_channel(
-                self.base_bias.to(out.dtype), out)
+            linear = self.without_bias(out)
             if linear.numel() >= g.out_features ** 2:  # many tokens: one [out, out] matmul
                 return out + g.pointwise_op(linear, self.output_map().to(out.dtype))
             moved = self.channels_last(linear)  # few tokens: the stages on the activations
@@ -115,11 +114,6 @@ class BOFT(Adapter):
         weight = self.weight_of(base_weight)
         return butterfly(self.rotations(), weight) - weight
 
-    def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {
-            f"{prefix}.oft_blocks": self.saved(self.blocks),
-            f"{prefix}.alpha": torch.tensor(self.alpha, dtype=torch.float32),
-        }
 
     @classmethod
     def from_state_dict(cls, geometry, tensors, prefix, compute_dtype, *, weight=None, bias=None):

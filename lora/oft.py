@@ -52,7 +52,23 @@ def rotate_blocks(matrices: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.einsum("knm,kn...->km...", matrices, blocks).reshape(t.shape)
 
 
-class OFT(Adapter):
+class Rotation(Adapter):
+    """What OFT and BOFT share: ``blocks`` saved as ``oft_blocks`` with the constraint
+    ``alpha``, and the base output without its bias (the part a rotation acts on)."""
+
+    def without_bias(self, out: torch.Tensor) -> torch.Tensor:
+        if self.base_bias is None:
+            return out
+        return out - self.per_channel(self.base_bias.to(out.dtype), out)
+
+    def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}.oft_blocks": self.saved(self.blocks),
+            f"{prefix}.alpha": torch.tensor(self.alpha, dtype=torch.float32),
+        }
+
+
+class OFT(Rotation):
     NAME = "OFT"
     KEYS = ("oft_blocks",)
     USES_BASE_BIAS = True
@@ -92,8 +108,7 @@ class OFT(Adapter):
     def bypass(self, base_forward):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             out = base_forward(x, *args, **kwargs)
-            linear = out if self.base_bias is None else out - self.per_channel(
-                self.base_bias.to(out.dtype), out)
+            linear = self.without_bias(out)
             return out + self.channels_back(self.transform(self.channels_last(linear)))
 
         return forward
@@ -101,11 +116,6 @@ class OFT(Adapter):
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         return self.transform(self.weight_of(base_weight))
 
-    def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {
-            f"{prefix}.oft_blocks": self.saved(self.blocks),
-            f"{prefix}.alpha": torch.tensor(self.alpha, dtype=torch.float32),
-        }
 
     @classmethod
     def from_state_dict(cls, geometry, tensors, prefix, compute_dtype, *, weight=None, bias=None):
