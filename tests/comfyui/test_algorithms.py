@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from test_train_node import FAMILIES, model_output, run_train
+from test_train_node import FAMILIES, family_case, model_output, run_train
 
 ALGORITHMS = ["LoRA", "LoHa", "LoKr", "OFT", "BOFT", "GLoRA", "DoRA"]
 TOL = 1e-4
@@ -61,11 +61,7 @@ def test_train_save_load_continue(family, algorithm, train_node, pack, comfy, lo
     import comfy.utils
     import nodes
 
-    build, cond, shape = FAMILIES[family]
-    model = build(seed=1)
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    positive = cond(seed=3)
-    probe = torch.randn(shape[1:], generator=torch.Generator().manual_seed(5))[None]
+    model, latents, positive, probe = family_case(family)
     before = model_output(model, probe, positive)
 
     trained, lora, loss, steps = run_train(

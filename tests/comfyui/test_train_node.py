@@ -15,6 +15,15 @@ FAMILIES = {
 }
 
 
+def family_case(family):
+    """A tiny model of ``family``, its training latents and conditioning, and a probe latent."""
+    build, cond, shape = FAMILIES[family]
+    model = build(seed=1)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    probe = torch.randn(shape[1:], generator=torch.Generator().manual_seed(5))[None]
+    return model, latents, cond(seed=3), probe
+
+
 def run_train(node, model, latents, positive, **overrides):
     values = dict(batch_size=2, grad_accumulation_steps=1, steps=4, learning_rate=1e-3, rank=4,
                   optimizer="AdamW", loss_function="MSE", seed=0, training_dtype="fp32",
@@ -46,11 +55,7 @@ def model_output(patcher, latents, positive, sigma=2.0):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_train_plugs_into_core_and_leaves_input_untouched(family, train_node, comfy, tmp_path):
-    build, cond, shape = FAMILIES[family]
-    model = build(seed=1)
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    positive = cond(seed=3)
-    probe = torch.randn(shape[1:], generator=torch.Generator().manual_seed(5))[None]
+    model, latents, positive, probe = family_case(family)
     before = model_output(model, probe, positive)
 
     trained, lora, loss, steps = run_train(train_node, model, latents, positive)
