@@ -85,7 +85,6 @@ class ComfyTask:
         self.sigma_table = table.detach().float().cpu().clone() if table is not None else None
         self._outputs: list[torch.Tensor] = []
         self.sample_conds = self._encode_conditioning(positive, latents)
-        self._copy_inference_weights()
         self._set_compute_dtype(training_dtype)
 
     def _set_compute_dtype(self, training_dtype: str) -> None:
@@ -97,22 +96,6 @@ class ComfyTask:
             self.patcher.set_model_compute_dtype(torch.float32)
         elif training_dtype == "bf16" and compute == torch.float16:
             self.patcher.set_model_compute_dtype(torch.bfloat16)
-
-    def _copy_inference_weights(self) -> None:
-        """Give autograd normal tensors where the model's weights are inference tensors.
-
-        ComfyUI loads models under ``torch.inference_mode``, and autograd cannot save such
-        tensors for backward. An identity weight wrapper on the clone makes ComfyUI's ops
-        hand each layer a per-forward copy of its weight (what ``cast_bias_weight`` does for
-        any weight function), transient and scoped to this clone.
-        """
-        for name, module in self.base.named_modules():
-            if not hasattr(module, "comfy_cast_weights"):
-                continue
-            for attr in ("weight", "bias"):
-                tensor = getattr(module, attr, None)
-                if isinstance(tensor, torch.Tensor) and tensor.is_inference():
-                    self.patcher.add_weight_wrapper(f"{name}.{attr}", _normal_copy)
 
     # -- conditioning -----------------------------------------------------------------------
     def _encode_conditioning(self, positive, latents: torch.Tensor) -> list[dict]:
@@ -186,12 +169,38 @@ class ComfyTask:
         try:
             comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
             self.patcher.inject_model()
+            copy_inference_weights(self.base)
             yield
         finally:
             release(self.patcher)
             self.patcher.remove_injections(INJECTION_KEY)
             patches.remove()
             self._outputs.clear()
+
+
+def copy_inference_weights(model) -> None:
+    """Give autograd normal tensors where the loaded weights are inference tensors.
+
+    ComfyUI creates weights under ``torch.inference_mode`` (its loaders, and the samplers
+    that patch LoRAs into them), and autograd cannot save such tensors for backward. Which
+    weights are inference tensors is only known once the clone is loaded: loading restores or
+    patches the shared modules' weights as the previously loaded clone of the same model left
+    them (patched outside inference mode by one node, restored from inference-mode backups by
+    the next). So this runs after loading: each ComfyUI layer whose weight or bias is then an
+    inference tensor gets an identity weight function, which makes ComfyUI's ops hand the
+    layer a per-forward copy (``cast_bias_weight`` copies whenever a weight function is
+    present). :func:`release` clears these functions again.
+    """
+    for module in model.modules():
+        if not hasattr(module, "comfy_cast_weights"):
+            continue
+        for attr in ("weight", "bias"):
+            tensor = getattr(module, attr, None)
+            functions = getattr(module, f"{attr}_function", None)
+            if (isinstance(tensor, torch.Tensor) and tensor.is_inference()
+                    and functions is not None and _normal_copy not in functions):
+                # a new list: the ops' empty default is a class attribute shared by all layers
+                setattr(module, f"{attr}_function", list(functions) + [_normal_copy])
 
 
 def _normal_copy(weight: torch.Tensor) -> torch.Tensor:

@@ -186,3 +186,22 @@ def test_every_optimizer_and_loss_trains(optimizer, loss):
     result = train(task, latents, TrainConfig(steps=2, optimizer=optimizer, loss_function=loss))
     assert len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
     assert any(v.abs().sum() > 0 for k, v in result.lora.items() if k.endswith("lora_up.weight"))
+
+
+# -- first-batch errors ---------------------------------------------------------------------
+def test_first_batch_shape_error_names_the_inputs():
+    task, latents = make_task("unet")
+    task.context = torch.randn(latents.shape[0], 6, 12)  # conditioning 12 wide, the net takes 16
+    with pytest.raises(ValueError, match="could not run on the first batch .*shapes cannot be"):
+        train(task, latents, TrainConfig(steps=1, batch_size=2, **FP32))
+
+
+def test_internal_first_batch_error_is_not_blamed_on_the_inputs():
+    """Weights created under inference mode fail in autograd: that is the caller's model
+    state, not the latents or conditioning, so it is raised as it is."""
+    with torch.inference_mode():
+        task, latents = make_task("unet")
+    latents, task.context = latents.clone(), task.context.clone()
+    with pytest.raises(RuntimeError, match="Inference tensors") as raised:
+        train(task, latents, TrainConfig(steps=1, batch_size=2, **FP32))
+    assert not isinstance(raised.value, ValueError)

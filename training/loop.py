@@ -71,6 +71,24 @@ def check_latents(latents: torch.Tensor) -> None:
             f"latents contain NaN or Inf (samples {bad[:8]}); re-encode those images.")
 
 
+# What PyTorch says when tensors of incompatible shapes meet: on the first batch that means the
+# latents or the conditioning do not fit the model. Any other error is the model's or ours and
+# is raised as it is.
+_SHAPE_ERRORS = (
+    "shapes cannot be multiplied", "must match the size of tensor", "size mismatch",
+    "expected input", "channels, but got", "invalid for input of size", "shape '[",
+    "dimension out of range", "dimensions of ", "does not match the shape",
+    "the size of tensor a",
+)
+
+
+def is_input_mismatch(error: BaseException) -> bool:
+    """True for a shape error (what mismatched latents or conditioning raise)."""
+    message = str(error).lower()
+    return (not isinstance(error, torch.OutOfMemoryError)
+            and any(phrase in message for phrase in _SHAPE_ERRORS))
+
+
 @contextlib.contextmanager
 def frozen(network: nn.Module) -> Iterator[None]:
     """No base-weight gradients during the run; every ``requires_grad`` flag restored after.
@@ -198,7 +216,7 @@ def _train(task, latents, config, existing, on_step) -> TrainResult:
                     loss = sample_losses(
                         task, dataset, samples[part], noise[part], sigmas[part], config).mean()
                 except RuntimeError as error:
-                    if step > 1 or isinstance(error, torch.OutOfMemoryError):
+                    if step > 1 or not is_input_mismatch(error):
                         raise
                     raise ValueError(
                         f"The model could not run on the first batch (latents "
