@@ -166,16 +166,60 @@ class ComfyTask:
         injection = comfy.patcher_extension.PatcherInjection(
             inject=lambda _: patches.apply(), eject=lambda _: patches.remove())
         self.patcher.set_injections(INJECTION_KEY, [injection])
-        try:
-            comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
-            self.patcher.inject_model()
-            copy_inference_weights(self.base)
-            yield
-        finally:
-            release(self.patcher)
-            self.patcher.remove_injections(INJECTION_KEY)
-            patches.remove()
-            self._outputs.clear()
+        with training_flags():
+            try:
+                comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+                self.patcher.inject_model()
+                copy_inference_weights(self.base)
+                yield
+            finally:
+                release(self.patcher)
+                self.patcher.remove_injections(INJECTION_KEY)
+                patches.remove()
+                self._outputs.clear()
+
+
+# ComfyUI's switches for a training run (0.33+; absent before): set for the run, restored after.
+# ``in_training`` routes the families that read it to differentiable code (Flux's rope leaves
+# its fused kernel, which has no backward; Lumina, LTX, SeedVR, Wan and ``ops`` skip
+# inference-only kernels that would also bypass a patched Linear's forward).
+# ``training_fp8_bwd`` is core's trainer's fp8-backward choice, which it never resets.
+TRAINING_FLAGS = {"in_training": True, "training_fp8_bwd": False}
+
+
+@contextlib.contextmanager
+def training_flags() -> Iterator[None]:
+    """Set :data:`TRAINING_FLAGS` that this ComfyUI has; restore them however the run ends."""
+    mm = comfy.model_management
+    previous = {name: getattr(mm, name) for name in TRAINING_FLAGS if hasattr(mm, name)}
+    try:
+        for name in previous:
+            setattr(mm, name, TRAINING_FLAGS[name])
+        yield
+    finally:
+        for name, value in previous.items():
+            setattr(mm, name, value)
+
+
+def training_clone(model):
+    """The clone a run trains on.
+
+    A dynamic-VRAM patcher (ComfyUI 0.33+ on NVIDIA: ``ModelPatcherDynamic``) streams its
+    weights into reused buffers at every forward, so what autograd would save is overwritten
+    by the next layer. Training runs on a non-dynamic clone instead, which ComfyUI rebuilds
+    from the loader's recorded factory (``clone(disable_dynamic=True)``, as core's trainer
+    does); it holds its own weights, so the input MODEL and its buffers are not touched.
+    """
+    is_dynamic = getattr(model, "is_dynamic", None)
+    if is_dynamic is None or not is_dynamic():
+        return model.clone()
+    try:
+        return model.clone(disable_dynamic=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"This MODEL uses ComfyUI's dynamic VRAM and cannot be reloaded for training "
+            f"({error}). Load it with a core loader (Load Diffusion Model, Load Checkpoint), "
+            "or start ComfyUI with --disable-dynamic-vram.") from error
 
 
 def copy_inference_weights(model) -> None:

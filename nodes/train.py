@@ -16,7 +16,7 @@ from ..lora.io import adapters_from_state_dict, read_lora_file, steps_of
 from ..lora.weights import LoraWeights
 from ..training.config import DTYPES, TrainConfig
 from ..training.loop import train
-from .bridge import ComfyTask, check_latents_fit
+from .bridge import ComfyTask, check_latents_fit, training_clone
 from .lora_keys import to_diffusion_model_keys
 from .progress import LiveProgress
 from .schema import build_schema
@@ -71,7 +71,7 @@ class TrainLoRA(io.ComfyNode):
         check_latents_fit(model, samples)
         on_step = LiveProgress(steps)
         with torch.inference_mode(False):
-            patcher = model.clone()
+            patcher = training_clone(model)
             task = ComfyTask(patcher, positive, samples, training_dtype)
             existing, previous_steps = None, 0
             if existing_lora != NONE_LORA:

@@ -5,6 +5,10 @@ their noise levels from the run's one generator, then runs the micro-batches, ea
 scaled by ``1 / grad_accumulation_steps``, and steps the optimizer once. Because all draws of
 a step happen before it is split into micro-batches, 4 samples x 1 micro-batch and
 2 x 2 train on exactly the same samples, noise and timesteps.
+
+Before the first step, one forward of the first batch (its graph dropped) checks that the
+latents and conditioning fit the model and finds the blocks that write into their inputs in
+place (:mod:`.inplace`); it draws nothing from the run's generator.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ..losses import LOSSES, per_sample_loss
 from ..optimizers import OPTIMIZERS, make_optimizer
 from .batching import EpochSampler
 from .checkpointing import checkpoint_blocks, checkpointed
+from .inplace import find_mutating_blocks, inplace_patches
 from .config import DTYPES, TrainConfig
 from .task import DiffusionTask
 
@@ -199,46 +204,59 @@ def _train(task, latents, config, existing, on_step) -> TrainResult:
     sampler = EpochSampler(count, generator)
     dataset = task.prepare_latents(latents).float().cpu()
 
-    patches = adapter_patches(task.network, adapters)
-    if config.gradient_checkpointing:
-        patches += [(block, checkpointed) for block in checkpoint_blocks(task.network)]
+    blocks = checkpoint_blocks(task.network)
     losses: list[float] = []
-    progress = tqdm(total=config.steps, desc="Train LoRA", unit="step", mininterval=1.0)
-    with frozen(task.network), task.session(ForwardPatches(patches)), progress:
-        for step in range(1, config.steps + 1):
-            samples = sampler.take(per_step)
-            noise = torch.randn(dataset[samples].shape, generator=generator)
-            sigmas = task.sample_sigmas(per_step, generator)
-            step_loss = torch.zeros((), device=task.device)
-            for start in range(0, per_step, batch_size):
-                part = slice(start, start + batch_size)
-                try:
+    with frozen(task.network), task.session(ForwardPatches(adapter_patches(task.network, adapters))):
+        mutating = find_mutating_blocks(
+            blocks, lambda: first_batch(task, dataset, batch_size, config))
+        patches = inplace_patches(mutating)
+        if config.gradient_checkpointing:
+            patches += [(block, checkpointed) for block in blocks]
+        progress = tqdm(total=config.steps, desc="Train LoRA", unit="step", mininterval=1.0)
+        with ForwardPatches(patches), progress:
+            for step in range(1, config.steps + 1):
+                samples = sampler.take(per_step)
+                noise = torch.randn(dataset[samples].shape, generator=generator)
+                sigmas = task.sample_sigmas(per_step, generator)
+                step_loss = torch.zeros((), device=task.device)
+                for start in range(0, per_step, batch_size):
+                    part = slice(start, start + batch_size)
                     loss = sample_losses(
                         task, dataset, samples[part], noise[part], sigmas[part], config).mean()
-                except RuntimeError as error:
-                    if step > 1 or not is_input_mismatch(error):
-                        raise
-                    raise ValueError(
-                        f"The model could not run on the first batch (latents "
-                        f"{list(dataset.shape[1:])}): {error}. Check that the latents come "
-                        "from this model's VAE and the conditioning from its text encoder."
-                    ) from error
-                (loss / accumulation).backward()
-                step_loss += loss.detach() / accumulation
-            value = float(step_loss)
-            if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"The loss became {value} at step {step} of {config.steps}; training "
-                    f"stopped and nothing was applied. Lower the learning rate (now "
-                    f"{config.learning_rate:g}) or use training_dtype fp32.")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(value)
-            progress.set_postfix(loss=f"{value:.4f}", refresh=False)
-            progress.update(1)
-            if on_step is not None:
-                on_step(step, config.steps, value)
+                    (loss / accumulation).backward()
+                    step_loss += loss.detach() / accumulation
+                value = float(step_loss)
+                if not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"The loss became {value} at step {step} of {config.steps}; training "
+                        f"stopped and nothing was applied. Lower the learning rate (now "
+                        f"{config.learning_rate:g}) or use training_dtype fp32.")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(value)
+                progress.set_postfix(loss=f"{value:.4f}", refresh=False)
+                progress.update(1)
+                if on_step is not None:
+                    on_step(step, config.steps, value)
 
     for p in params:
         p.requires_grad_(False)
     return TrainResult(lora_state_dict(adapters, task.key_prefix), losses, adapters, batch_size)
+
+
+def first_batch(task: DiffusionTask, dataset: torch.Tensor, batch_size: int, config) -> None:
+    """One forward of the first ``batch_size`` latents with gradients on (the graph is
+    dropped): it shows what the blocks do to their inputs, and a shape error here means the
+    latents or the conditioning do not fit the model."""
+    samples = torch.arange(batch_size)
+    sigmas = task.sample_sigmas(batch_size, torch.Generator().manual_seed(0))
+    noise = torch.zeros(dataset[samples].shape)
+    try:
+        sample_losses(task, dataset, samples, noise, sigmas, config)
+    except RuntimeError as error:
+        if not is_input_mismatch(error):
+            raise
+        raise ValueError(
+            f"The model could not run on the first batch (latents {list(dataset.shape[1:])}): "
+            f"{error}. Check that the latents come from this model's VAE and the conditioning "
+            "from its text encoder.") from error

@@ -41,8 +41,10 @@ def test_cancel_stops_within_one_step_and_restores_the_model(sd15, train_node):
     seen = []
 
     def hook(value, total, preview, node_id=None):
+        # Cancel pressed during the first step. ComfyUI 0.33 throttles the progress hook,
+        # but it always calls it for the first update, so step 1 is where both versions meet.
         seen.append(value)
-        if value == 2:
+        if value == 1:
             comfy.model_management.interrupt_current_processing(True)
 
     previous = comfy.utils.PROGRESS_BAR_HOOK
@@ -53,7 +55,7 @@ def test_cancel_stops_within_one_step_and_restores_the_model(sd15, train_node):
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
         comfy.model_management.interrupt_current_processing(False)
-    assert seen == [1, 2], "training went on after Cancel"
+    assert seen == [1], "training went on after Cancel"
     assert module_state(model) == state
     assert torch.equal(model_output(model, probe, positive), before)
     _, lora, loss, steps = run_train(train_node, model, latents, positive, steps=2)

@@ -42,7 +42,12 @@ def server(comfy_server):
     return comfy_server
 
 
-def _prompt():
+def core_save_lora(object_info):
+    """Core "Save LoRA Weights": ``SaveLoRANode`` until ComfyUI 0.3.x, ``SaveLoRA`` since."""
+    return "SaveLoRA" if "SaveLoRA" in object_info else "SaveLoRANode"
+
+
+def _prompt(save_lora):
     """API-format prompt: the trained model and LoRA flow into core nodes."""
     return {
         "1": {"class_type": "UNETLoader",
@@ -57,7 +62,7 @@ def _prompt():
                          "loss_function": "MSE", "seed": 0, "training_dtype": "fp32",
                          "lora_dtype": "fp32", "algorithm": "LoRA",
                          "gradient_checkpointing": True, "existing_lora": "[None]"}},
-        "5": {"class_type": "SaveLoRANode",
+        "5": {"class_type": save_lora,
               "inputs": {"lora": ["4", 1], "prefix": "loras/lora_lab_server_test",
                          "steps": ["4", 3]}},
         "6": {"class_type": "LossGraphNode",
@@ -93,7 +98,7 @@ def _check_object_info(server):
     # The full listing has it too, next to the core nodes the prompt uses.
     full = server.get_json("/object_info")
     for name in ("LoRALab_TrainLoRA", "UNETLoader", "LotusConditioning", "EmptyLatentImage",
-                 "SaveLoRANode", "LossGraphNode", "KSampler", "SaveLatent"):
+                 core_save_lora(full), "LossGraphNode", "KSampler", "SaveLatent"):
         assert name in full, f"{name} missing from /object_info"
     assert MODEL_FILE in full["UNETLoader"]["input"]["required"]["unet_name"][0]
 
@@ -112,7 +117,8 @@ def test_train_lora_through_http_server(server):
     try:
         _check_object_info(server)
 
-        status, body = server.request("/prompt", {"prompt": _prompt(), "client_id": uuid.uuid4().hex})
+        prompt = _prompt(core_save_lora(server.get_json("/object_info")))
+        status, body = server.request("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
         assert status == 200, f"POST /prompt -> {status}: {body.decode(errors='replace')}"
         reply = json.loads(body)
         assert not reply.get("node_errors"), reply
@@ -144,8 +150,12 @@ def test_train_lora_through_http_server(server):
         sampled = load_file(latents[0])["latent_tensor"]
         assert sampled.shape == (2, 4, 8, 8) and torch.isfinite(sampled).all()
 
-        assert glob.glob(os.path.join(server.base, "temp", "lora_lab_loss*.png")), \
-            "Plot Loss wrote no image"
+        # core Plot Loss shows its image (0.3.x names it by filename_prefix, 0.33 as a preview)
+        images = entry["outputs"].get("6", {}).get("images", [])
+        assert images, f"Plot Loss showed no image: {entry['outputs']}"
+        for image in images:
+            assert os.path.isfile(os.path.join(
+                server.base, image["type"], image.get("subfolder", ""), image["filename"]))
 
         _check_workflow_templates(server)
     except BaseException:

@@ -114,3 +114,48 @@ def test_conditioning_count_mismatch_is_value_error(train_node, comfy):
     positive = tiny_models.sd15_cond(seed=1) + tiny_models.sd15_cond(seed=2)
     with pytest.raises(ValueError, match="2 conditionings but latents hold 3"):
         run_train(train_node, model, latents, positive)
+
+
+def test_dynamic_vram_model_trains_on_a_reloaded_clone(train_node, comfy, tmp_path, monkeypatch):
+    """ComfyUI 0.33 on NVIDIA hands out ``ModelPatcherDynamic`` models, whose weights are
+    streamed per forward. Off a GPU ComfyUI never makes one, so a loader-made model is marked
+    dynamic for the training call: training must run on a clone ComfyUI rebuilds from the
+    loader (``clone(disable_dynamic=True)``), never on the input model's own modules."""
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.utils
+
+    if not hasattr(comfy.model_patcher.ModelPatcher, "is_dynamic"):
+        pytest.skip("this ComfyUI has no dynamic VRAM (added in 0.33)")
+    path = tmp_path / "tiny_sd15.safetensors"
+    comfy.utils.save_torch_file(
+        tiny_models.unet_state_dict(tiny_models.sd15_unet_config(), seed=1), str(path))
+    with torch.inference_mode():
+        model = comfy.sd.load_diffusion_model(str(path))
+    assert model.cached_patcher_init is not None
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    positive, probe = tiny_models.sd15_cond(seed=3), torch.randn(1, 4, 8, 8)
+    before = model_output(model, probe, positive)
+    reloaded = []
+    clone = type(model).clone
+
+    def watched_clone(self, *args, **kwargs):
+        out = clone(self, *args, **kwargs)
+        if kwargs.get("disable_dynamic"):
+            reloaded.append(out)
+        return out
+
+    monkeypatch.setattr(type(model), "clone", watched_clone)
+    monkeypatch.setattr(model, "is_dynamic", lambda: True, raising=False)
+    trained, lora, loss, _ = run_train(train_node, model, latents, positive, steps=2)
+    monkeypatch.undo()
+    assert len(reloaded) == 1 and reloaded[0].model is not model.model
+    assert len(loss["loss"]) == 2 and lora
+    assert torch.equal(model_output(model, probe, positive), before)
+    assert not torch.equal(model_output(trained, probe, positive), before)
+
+    # a dynamic model that no core loader made cannot be reloaded: a clear error
+    bare = tiny_models.tiny_sd15(seed=1)
+    monkeypatch.setattr(bare, "is_dynamic", lambda: True, raising=False)
+    with pytest.raises(ValueError, match="dynamic VRAM .* --disable-dynamic-vram"):
+        run_train(train_node, bare, latents, positive, steps=1)
