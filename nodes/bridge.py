@@ -19,6 +19,7 @@ same way:
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Iterator
 
 import torch
@@ -166,12 +167,12 @@ class ComfyTask:
         injection = comfy.patcher_extension.PatcherInjection(
             inject=lambda _: patches.apply(), eject=lambda _: patches.remove())
         self.patcher.set_injections(INJECTION_KEY, [injection])
-        with training_flags():
+        with training_mode():
             try:
                 comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
                 self.patcher.inject_model()
-                copy_inference_weights(self.base)
-                yield
+                with autograd_weights(self.base):
+                    yield
             finally:
                 release(self.patcher)
                 self.patcher.remove_injections(INJECTION_KEY)
@@ -187,18 +188,40 @@ class ComfyTask:
 TRAINING_FLAGS = {"in_training": True, "training_fp8_bwd": False}
 
 
+def _fused_kernels() -> dict[str, object]:
+    """comfy_kitchen's rope and adaLN kernels (ComfyUI 0.33+), by name, mapped to the same
+    function of its eager backend. The kernels are custom ops without a backward, and
+    Cosmos, MiniMax, Ernie and Ideogram call some of them whatever ``in_training`` says; the
+    eager backend computes the same with differentiable PyTorch ops."""
+    try:
+        import comfy_kitchen
+        import comfy_kitchen.backends.eager as eager
+    except ImportError:
+        return {}
+    return {name: getattr(eager, name) for name in getattr(comfy_kitchen, "__all__", ())
+            if ("rope" in name or "adaln" in name) and callable(getattr(eager, name, None))}
+
+
 @contextlib.contextmanager
-def training_flags() -> Iterator[None]:
-    """Set :data:`TRAINING_FLAGS` that this ComfyUI has; restore them however the run ends."""
+def training_mode() -> Iterator[None]:
+    """For the run: :data:`TRAINING_FLAGS` that this ComfyUI has, and differentiable versions
+    of its fused kernels; everything restored however the run ends."""
     mm = comfy.model_management
     previous = {name: getattr(mm, name) for name in TRAINING_FLAGS if hasattr(mm, name)}
+    kernels = _fused_kernels()
+    module = sys.modules.get("comfy_kitchen")
+    fused = {name: getattr(module, name) for name in kernels}
     try:
         for name in previous:
             setattr(mm, name, TRAINING_FLAGS[name])
+        for name, function in kernels.items():
+            setattr(module, name, function)
         yield
     finally:
         for name, value in previous.items():
             setattr(mm, name, value)
+        for name, function in fused.items():
+            setattr(module, name, function)
 
 
 def training_clone(model):
@@ -222,29 +245,49 @@ def training_clone(model):
             "or start ComfyUI with --disable-dynamic-vram.") from error
 
 
-def copy_inference_weights(model) -> None:
-    """Give autograd normal tensors where the loaded weights are inference tensors.
+@contextlib.contextmanager
+def autograd_weights(model) -> Iterator[None]:
+    """Give autograd normal tensors where the loaded model holds inference tensors.
 
     ComfyUI creates weights under ``torch.inference_mode`` (its loaders, and the samplers
     that patch LoRAs into them), and autograd cannot save such tensors for backward. Which
     weights are inference tensors is only known once the clone is loaded: loading restores or
     patches the shared modules' weights as the previously loaded clone of the same model left
     them (patched outside inference mode by one node, restored from inference-mode backups by
-    the next). So this runs after loading: each ComfyUI layer whose weight or bias is then an
-    inference tensor gets an identity weight function, which makes ComfyUI's ops hand the
-    layer a per-forward copy (``cast_bias_weight`` copies whenever a weight function is
-    present). :func:`release` clears these functions again.
+    the next). So this runs after loading:
+
+    - the weight and bias of ComfyUI's layers get an identity weight function, which makes
+      ComfyUI's ops hand the layer a per-forward copy (``cast_bias_weight`` copies whenever
+      a weight function is present); :func:`release` clears these functions again;
+    - any other parameter or buffer (norm scales, modulation tables, pad tokens, positional
+      tables: small tensors that modules use directly) is replaced by a normal copy for the
+      run, and the original object is put back after it.
     """
+    swapped = []
     for module in model.modules():
-        if not hasattr(module, "comfy_cast_weights"):
-            continue
-        for attr in ("weight", "bias"):
+        cast = hasattr(module, "comfy_cast_weights")
+        for attr in ("weight", "bias") if cast else ():
             tensor = getattr(module, attr, None)
             functions = getattr(module, f"{attr}_function", None)
             if (isinstance(tensor, torch.Tensor) and tensor.is_inference()
                     and functions is not None and _normal_copy not in functions):
                 # a new list: the ops' empty default is a class attribute shared by all layers
                 setattr(module, f"{attr}_function", list(functions) + [_normal_copy])
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if (tensor is None or not tensor.is_inference()
+                        or (cast and name in ("weight", "bias"))):
+                    continue
+                copy = tensor.clone()
+                if isinstance(tensor, torch.nn.Parameter):
+                    copy = torch.nn.Parameter(copy, requires_grad=False)
+                swapped.append((table, name, tensor))
+                table[name] = copy
+    try:
+        yield
+    finally:
+        for table, name, tensor in reversed(swapped):
+            table[name] = tensor
 
 
 def _normal_copy(weight: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torch import nn
 from lora_lab.lora.inject import ForwardPatches, adapter_patches, create_adapters
 from lora_lab.training.checkpointing import checkpoint_blocks, checkpointed
 from lora_lab.training.config import TrainConfig
-from lora_lab.training.inplace import find_mutating_blocks, inplace_patches
+from lora_lab.training.inplace import checkpointable, find_mutating_blocks, inplace_patches
 from lora_lab.training.loop import train
 from lora_lab.training.task import TorchTask, flow_sigmas
 
@@ -28,13 +28,17 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
 
     def forward(self, x, vec, context=None):
+        """Saved-then-overwritten: ``norm1``'s input (a module), ``rms_norm``'s input (a
+        function, as LTXV's blocks have) and the stream as a product's operand."""
         gate1, gate2 = self.mod(vec).chunk(2, dim=-1)
         if self.inplace:
             x += gate1 * self.attn(self.norm1(x) + context.mean(1, keepdim=True))
-            x += gate2 * self.mlp(self.norm2(x))
+            x.addcmul_(self.mlp(self.norm2(x)), gate2)
+            x += torch.nn.functional.rms_norm(x, (DIM,)) * x * 0.1
             return x
         x = x + gate1 * self.attn(self.norm1(x) + context.mean(1, keepdim=True))
-        return x + gate2 * self.mlp(self.norm2(x))
+        x = torch.addcmul(x, self.mlp(self.norm2(x)), gate2)
+        return x + torch.nn.functional.rms_norm(x, (DIM,)) * x * 0.1
 
 
 class Net(nn.Module):
@@ -80,7 +84,7 @@ def adapter_grads(network, gradient_checkpointing):
         mutating = find_mutating_blocks(blocks, lambda: network(x.clone(), t, context))
         patches = inplace_patches(mutating)
         if gradient_checkpointing:
-            patches += [(b, checkpointed) for b in blocks]
+            patches += [(b, checkpointed) for b in checkpointable(blocks, mutating)]
         with ForwardPatches(patches):
             network(x, t, context).square().mean().backward()
     return mutating, {f"{n}.{k}": p.grad for n, a in adapters.items() for k, p in a.named_parameters()}
@@ -128,3 +132,15 @@ def test_training_an_inplace_network_equals_the_out_of_place_one(gradient_checkp
     for key, value in results[1].lora.items():
         assert torch.allclose(results[0].lora[key], value, rtol=1e-5, atol=1e-7), key
     assert not [m for m in inplace.modules() if "forward" in m.__dict__], "patches left behind"
+
+
+def test_checkpointed_inplace_blocks_are_still_recomputed():
+    """The guard hands saved tensors on to the checkpoint's hooks, so a mutating block keeps
+    its memory saving: its layers run again in backward."""
+    inplace, _ = pair()
+    calls = []
+    mlp = inplace.blocks[0].mlp
+    mlp.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    adapter_grads(inplace, gradient_checkpointing=True)
+    # find_mutating_blocks + the forward + the recomputation in backward
+    assert len(calls) == 3, calls

@@ -13,11 +13,13 @@ The fix keeps the network's code and its in-place adds, and gives autograd its o
   their tensor arguments (by the tensor version counter), so blocks that do not mutate their
   inputs (SD UNet blocks, most DiT blocks) are left exactly as they are;
 - inside a mutating block, the argument it mutates is copied on entry (so the caller's tensor,
-  and the input a checkpoint keeps, stay intact) and every module the block calls with that
-  tensor, or a view of it, receives a copy taken at the call. What a layer saves for backward
-  is then a tensor nobody writes to, and the in-place adds still update the block's stream.
+  and the input a checkpoint keeps, stay intact), and every tensor autograd saves inside the
+  block that shares that argument's storage (the stream, or a view of it: a norm's input, a
+  product's operand) is saved as a copy taken at that moment, through saved-tensor hooks
+  that hand it on to any hooks already active (a checkpoint's). What backward reads is then
+  what the forward saw, and the in-place adds still update the block's stream.
 
-The copies are exactly what the out-of-place form ``x = x + f(x)`` would allocate.
+The copies are what the out-of-place form ``x = x + f(x)`` would allocate.
 """
 
 from __future__ import annotations
@@ -71,57 +73,60 @@ def find_mutating_blocks(blocks: Iterable[nn.Module], run: Callable[[], object])
     return mutating
 
 
-class _Guard:
-    """The storages a mutating block is writing to, while it runs (a stack: blocks nest)."""
+def _storage(value) -> int | None:
+    try:
+        return value.untyped_storage().data_ptr()
+    except (AttributeError, RuntimeError, NotImplementedError):  # tensor subclasses, meta...
+        return None
 
-    def __init__(self) -> None:
-        self.stack: list[set[int]] = []
 
-    def aliases(self, value) -> bool:
-        return (bool(self.stack) and isinstance(value, torch.Tensor)
-                and value.untyped_storage().data_ptr() in self.stack[-1])
+# The saved-tensor hooks active where a block runs: torch's checkpoint installs its own, and
+# the block's hooks must hand each saved tensor on to them rather than replace them.
+_current_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
-    def block(self, keys: set[Key]) -> Callable[[Callable], Callable]:
-        def make(forward: Callable) -> Callable:
-            def run(*args, **kwargs):
-                args = [a.clone() if i in keys and isinstance(a, torch.Tensor) else a
-                        for i, a in enumerate(args)]
-                kwargs = {k: v.clone() if k in keys and isinstance(v, torch.Tensor) else v
-                          for k, v in kwargs.items()}
-                tensors = _tensor_args(args, kwargs)
-                self.stack.append({tensors[k].untyped_storage().data_ptr()
-                                   for k in keys if k in tensors})
-                try:
-                    return forward(*args, **kwargs)
-                finally:
-                    self.stack.pop()
 
-            return run
+def guarded(keys: set[Key]) -> Callable[[Callable], Callable]:
+    """A forward patch for a block that writes into its arguments ``keys``: those arguments
+    are copied on entry, and whatever autograd saves inside the block that shares their
+    storage (the stream itself, or a view of it) is saved as a copy taken then."""
 
-        return make
-
-    def inner(self, forward: Callable) -> Callable:
+    def make(forward: Callable) -> Callable:
         def run(*args, **kwargs):
-            if self.stack:
-                args = [a.clone() if self.aliases(a) else a for a in args]
-                kwargs = {k: v.clone() if self.aliases(v) else v for k, v in kwargs.items()}
-                self.stack.append(set())  # the module's own tensors are its business
-                try:
-                    return forward(*args, **kwargs)
-                finally:
-                    self.stack.pop()
-            return forward(*args, **kwargs)
+            args = [a.clone() if i in keys and isinstance(a, torch.Tensor) else a
+                    for i, a in enumerate(args)]
+            kwargs = {k: v.clone() if k in keys and isinstance(v, torch.Tensor) else v
+                      for k, v in kwargs.items()}
+            tensors = _tensor_args(args, kwargs)
+            written = {_storage(tensors[k]) for k in keys if k in tensors}
+            outer = _current_hooks(False) if _current_hooks is not None else None
+            outer_pack, outer_unpack = outer if outer is not None else (None, None)
+
+            def pack(tensor):
+                if _storage(tensor) in written:
+                    tensor = tensor.clone()
+                return outer_pack(tensor) if outer_pack is not None else tensor
+
+            def unpack(packed):
+                return outer_unpack(packed) if outer_unpack is not None else packed
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                return forward(*args, **kwargs)
 
         return run
+
+    return make
 
 
 def inplace_patches(mutating: dict[nn.Module, set[Key]]) -> list[tuple[nn.Module, Callable]]:
     """Forward patches (for :class:`lora.inject.ForwardPatches`) that make ``mutating`` blocks
     exact for autograd. Apply them before any checkpointing patch of the same blocks, so the
     copy on entry happens inside the checkpointed function."""
-    guard = _Guard()
-    patches: list[tuple[nn.Module, Callable]] = []
-    for block, keys in mutating.items():
-        patches += [(module, guard.inner) for module in block.modules() if module is not block]
-        patches.append((block, guard.block(keys)))
-    return patches
+    return [(block, guarded(keys)) for block, keys in mutating.items()]
+
+
+def checkpointable(blocks: list[nn.Module], mutating: dict[nn.Module, set[Key]]) -> list[nn.Module]:
+    """The blocks that may be checkpointed: all, where this torch lets a block's hooks hand
+    saved tensors on to the checkpoint's; else those that do not write into their inputs."""
+    if _current_hooks is not None:
+        return list(blocks)
+    return [block for block in blocks if block not in mutating]

@@ -29,7 +29,7 @@ from ..losses import LOSSES, per_sample_loss
 from ..optimizers import OPTIMIZERS, make_optimizer
 from .batching import EpochSampler
 from .checkpointing import checkpoint_blocks, checkpointed
-from .inplace import find_mutating_blocks, inplace_patches
+from .inplace import checkpointable, find_mutating_blocks, inplace_patches
 from .config import DTYPES, TrainConfig
 from .task import DiffusionTask
 
@@ -211,7 +211,7 @@ def _train(task, latents, config, existing, on_step) -> TrainResult:
             blocks, lambda: first_batch(task, dataset, batch_size, config))
         patches = inplace_patches(mutating)
         if config.gradient_checkpointing:
-            patches += [(block, checkpointed) for block in blocks]
+            patches += [(block, checkpointed) for block in checkpointable(blocks, mutating)]
         progress = tqdm(total=config.steps, desc="Train LoRA", unit="step", mininterval=1.0)
         with ForwardPatches(patches), progress:
             for step in range(1, config.steps + 1):

@@ -32,9 +32,6 @@ API
   family's ``extra_conds`` need for ``BaseModel.apply_model`` to run;
 - ``available() -> str | None`` - None when the running ComfyUI has the family and it
   builds small, else the skip reason;
-- ``trainable() -> str | None`` - None when ComfyUI's forward of the family can be
-  back-propagated (set ``comfy.model_management.in_training``, as core's trainer does,
-  and use gradient checkpointing: several families add residuals in place), else why not;
 - ``model_config`` / ``base_model`` / ``model_type`` - the expected
   ``comfy.supported_models`` class, ``comfy.model_base`` class and ``ModelType`` names.
 
@@ -97,7 +94,6 @@ class Family:
     latent_shape: tuple        # batch 1: (1, C, H, W) or (1, C, T, H, W)
     cond: Callable             # (seed=0) -> CONDITIONING [[cross_attn, {...}]]
     available: Callable        # () -> None | skip reason
-    trainable: Callable        # () -> None | why ComfyUI's forward has no backward
     model_config: str          # comfy.supported_models class name
     base_model: str            # comfy.model_base class name
     model_type: str            # comfy.model_base.ModelType name
@@ -236,22 +232,6 @@ def _fix_norms(sd):
             sd[k] = v + 1.0
 
 
-def _trainable_always():
-    return None
-
-
-def _cosmos_trainable():
-    """ComfyUI 0.33's Cosmos Predict2 self-attention (and Anima's) always runs
-    ``comfy_kitchen.rms_rope_split_half``, a fused kernel without an autograd formula
-    (``in_training`` does not route around it), so the forward cannot be back-propagated."""
-    import comfy.ldm.cosmos.predict2 as predict2
-
-    if "rms_rope_split_half(" in inspect.getsource(predict2):
-        return (f"ComfyUI {_comfy_version()}'s Cosmos Predict2 attention uses "
-                "comfy_kitchen.rms_rope_split_half, which has no autograd formula")
-    return None
-
-
 # --------------------------------------------------------------------------------------
 # Conditioning
 # --------------------------------------------------------------------------------------
@@ -354,6 +334,11 @@ def _flux2_config():
                 default_ref_method="index", ref_index_scale=10.0)
 
 
+def _flux_schnell_config():
+    """Flux schnell: as ``_flux_config`` without the guidance embedding."""
+    return dict(_flux_config(), guidance_embed=False)
+
+
 def _longcat_image_config():
     """LongCat-Image: the Flux network with Qwen2.5-VL text input (3584, what detection keys
     LongCat on), no CLIP vector, no guidance embedding; otherwise as ``_flux_config``."""
@@ -438,7 +423,7 @@ def _cogvideox_config():
 
 
 def _kandinsky5_config():
-    """Kandinsky 5 video (lite layout): dim 128 = 2 heads of 64 (head dim = sum of the
+    """Kandinsky 5 video: dim 128 = 2 heads of 64 (head dim = sum of the
     default RoPE axes (16, 24, 24); detection reads dims from shapes), FFN 256, time 64,
     one text and one visual block; visual input 132 = (16 noise + 16 image + 1 mask) x
     patch (1, 2, 2), Qwen2.5-VL text (3584) and CLIP-L pooled (768) inputs (constructor
@@ -483,12 +468,6 @@ def _qwen_image_config():
     return dict(in_channels=64, out_channels=16, num_layers=1)
 
 
-def _pixart_config():
-    return dict(input_size=16, patch_size=2, in_channels=4, hidden_size=1152, depth=1,
-                num_heads=16, caption_channels=4096, model_max_length=120,
-                micro_condition=False)
-
-
 def _hunyuan_dit_config():
     return dict(input_size=(16, 16), patch_size=2, in_channels=4, hidden_size=128, depth=2,
                 num_heads=4)
@@ -506,6 +485,8 @@ _SPECS = {
     "sd3": _Spec("comfy.ldm.modules.diffusionmodules.mmdit:MMDiT",
                  tiny_models.sd3_mmdit_config, "SD3"),
     "flux": _Spec(FLUX_NET, _flux_config, "Flux", params_cls=FLUX_PARAMS),
+    "flux_schnell": _Spec(FLUX_NET, _flux_schnell_config, "FluxSchnell",
+                          params_cls=FLUX_PARAMS),
     "flux2": _Spec(FLUX_NET, _flux2_config, "Flux2", params_cls=FLUX_PARAMS),
     "longcat_image": _Spec(FLUX_NET, _longcat_image_config, "LongCatImage",
                            params_cls=FLUX_PARAMS),
@@ -534,18 +515,19 @@ _SPECS = {
     "z_image": _Spec("comfy.ldm.lumina.model:NextDiT", _z_image_config, "ZImage"),
     "qwen_image": _Spec("comfy.ldm.qwen_image.model:QwenImageTransformer2DModel",
                         _qwen_image_config, "QwenImage"),
-    "pixart_sigma": _Spec("comfy.ldm.pixart.pixartms:PixArtMS", _pixart_config, "PixArtSigma"),
     "hunyuan_dit": _Spec("comfy.ldm.hydit.models:HunYuanDiT", _hunyuan_dit_config,
                          "HunyuanDiT"),
     "auraflow": _Spec("comfy.ldm.aura.mmdit:MMDiT", _auraflow_config, "AuraFlow"),
 }
 
 
-def _family(name, latent_shape, cond, base_model, model_type, note="",
-            trainable=_trainable_always):
+# ComfyUI's forward of these families adds residuals in place (``img += ...``): plain
+# autograd fails ("modified by an inplace operation"); back-propagate with gradient
+# checkpointing (saved-tensor hooks), as ComfyUI's and this pack's trainers do by default.
+def _family(name, latent_shape, cond, base_model, model_type, note=""):
     return Family(name=name, build=functools.partial(_build, name), latent_shape=latent_shape,
                   cond=cond, available=functools.partial(_available, name),
-                  trainable=trainable, model_config=_SPECS[name].model_config,
+                  model_config=_SPECS[name].model_config,
                   base_model=base_model, model_type=model_type, note=note)
 
 
@@ -557,7 +539,10 @@ FAMILIES = collections.OrderedDict((f.name, f) for f in [
     _family("sd3", (1, 16, 16, 16), _cond(SD3_CTX, pooled_output=SD3_POOLED), "SD3", "FLOW",
             note="latent H, W <= 16 (pos_embed_max_size 8, patch 2)"),
     _family("flux", (1, 16, 8, 8), _cond(FLUX_CTX, pooled_output=FLUX_VEC, guidance=3.5),
-            "Flux", "FLUX", note="ComfyUI >= 0.3.7x reads hidden size from img_in"),
+            "Flux", "FLUX", note="small where detection reads hidden size from img_in (0.33, "
+                                 "not 0.3.64)"),
+    _family("flux_schnell", (1, 16, 8, 8), _cond(FLUX_CTX, pooled_output=FLUX_VEC), "Flux",
+            "FLOW"),
     _family("flux2", (1, 128, 4, 4), _cond(FLUX2_CTX, guidance=4.0), "Flux2", "FLUX",
             note="Flux2.extra_conds pads the text to 512 tokens"),
     _family("longcat_image", (1, 16, 8, 8), _cond(LONGCAT_CTX), "LongCatImage", "FLUX"),
@@ -567,10 +552,11 @@ FAMILIES = collections.OrderedDict((f.name, f) for f in [
             _cond(HYV_CTX, pooled_output=HYV_VEC, guidance=6.0), "HunyuanVideo", "FLOW"),
     _family("hunyuan_image21", (1, 64, 8, 8), _cond(HYV_CTX), "HunyuanImage21", "FLOW"),
     _family("hunyuan_video15", (1, 32, 1, 8, 8), _cond(HYV_CTX, pooled_output=None),
-            "HunyuanVideo15", "FLOW"),
+            "HunyuanVideo15", "FLOW", note="vision_in and cond_type_embedding "
+                                                    "get no gradient without an image"),
     _family("ltxv", (1, 128, 1, 4, 4), _cond(LTXV_CTX, mask=True), "LTXV", "FLUX"),
     _family("cosmos_predict2", (1, 16, 1, 8, 8), _cond(COSMOS_CTX), "CosmosPredict2",
-            "FLOW_COSMOS", trainable=_cosmos_trainable),
+            "FLOW_COSMOS"),
     _family("cogvideox", (1, 16, 1, 8, 8), _cond(COGVIDEOX_CTX), "CogVideoX",
             "V_PREDICTION_DDPM"),
     _family("kandinsky5", (1, 16, 1, 8, 8),
@@ -584,4 +570,66 @@ LARGE_FAMILIES = collections.OrderedDict((f.name, f) for f in [
             "SDXL", "EPS", note="KOALA-700M layout, ~61M parameters (see NOT_SMALL['sdxl'])"),
 ])
 
-NOT_SMALL = {}
+# Families that cannot be built small (parameter counts: planned_params() on ComfyUI
+# 0.3.64 / 0.33.0 for the smallest seed network that detection maps to the family).
+NOT_SMALL = {
+    "sdxl": "SDXL detection (SDXL, SSD1B, Segmind_Vega, KOALA_*) fixes model_channels 320, "
+            "context 2048, adm 2816 and the per-block input transformer depths; the smallest "
+            "accepted layout (KOALA-700M: depths [0, 2, 5], channel_mult 1, no output/middle "
+            "transformers) has 60.6M parameters; available as LARGE_FAMILIES['sdxl']",
+    "chroma": "detection hard-codes the distilled-guidance approximator (5 layers of width "
+              "5120, output 3072): 279M parameters with one double + one single block on "
+              "0.33 (hidden read from img_in), 631M on 0.3.64 (hidden fixed at 3072); "
+              "Chroma Radiance shares the approximator",
+    "lumina2": "0.3.64 fixes dim 2304 / 24 heads; 0.33 reads dim from cap_embedder but sets "
+               "heads and RoPE axes only for 2304 (Lumina 2) and 3840 (Z-Image), other dims "
+               "get 32 heads and 128-dim axes, so NextDiT's dim // n_heads == sum(axes_dims) "
+               "forces dim 4096; one layer + the 2 + 2 refiner layers: 422M",
+    "z_image": "detected by dim 3840 (30 heads): 899M with one layer + refiners; 0.3.64 has "
+               "no Z-Image",
+    "qwen_image": "detection reads only in_channels and the block count; the 24 x 128-dim "
+                  "heads (inner 3072) and the 3584 text input are constructor defaults: 380M "
+                  "with one block",
+    "hunyuan_dit": "text inputs are constructor defaults, not detected: the mT5 MLP "
+                   "(2048 -> 8192 -> 1024) and a 2048-dim attention pooler alone are ~40M; "
+                   "42M with hidden 128, depth 2 (it would be the V_PREDICTION DiT)",
+    "pixart": "detection fixes hidden 1152 / 16 heads, T5 caption input 4096: 37M with one "
+              "block (and PixArtMS cannot be built on the meta device)",
+    "auraflow": "supported_models.AuraFlow requires cond_seq_dim 2048 and dim / "
+                "global_conddim 3072 are constructor defaults: 545M with one double + one "
+                "single layer",
+    "hidream": "detection hard-codes the whole config (16 double + 32 single MoE layers, "
+               "20 x 128-dim heads, 4096-dim Llama/T5 inputs): billions of parameters",
+    "mochi": "detection hard-codes depth 48, hidden 3072 / 1536: ~10B",
+    "omnigen2": "detection hard-codes hidden 2520, 32 layers, 21 heads: ~4B",
+    "cosmos_1": "Cosmos 1.0 detection sets 28 blocks x 32 heads (4096 channels) or 36 x 40 "
+                "(anything else), i.e. the 7B / 14B layouts",
+    "stable_cascade": "stage C/B detection fixes c_hidden, heads and block counts of the "
+                      "released models (stage C 1536 / 2048 wide, stage B 576 / 640 "
+                      "at level 2): 0.7B and up",
+}
+
+
+def tiny_flux_from_config(seed=0):
+    """The tiny Flux of ``FAMILIES['flux']`` for a ComfyUI whose detection fixes Flux's full
+    size (0.3.64 builds 543M parameters from any Flux state dict): ComfyUI's own
+    ``supported_models.Flux`` given the tiny config, its ``model_base.Flux`` and a
+    ``ModelPatcher``, loaded with seeded weights; only detection is skipped. Call it under
+    ``torch.inference_mode()``, as the loaders run."""
+    import torch
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.supported_models
+
+    spec = _SPECS["flux"]
+    config = _accepted(_import(spec.net), spec.config(), spec.params_cls)
+    model_config = comfy.supported_models.Flux(dict(config))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    sd = _fill_state_dict(model.diffusion_model, seed)
+    _fix_norms(sd)
+    model.diffusion_model.load_state_dict(sd)
+    return comfy.model_patcher.ModelPatcher(
+        model, comfy.model_management.get_torch_device(),
+        comfy.model_management.unet_offload_device())
