@@ -41,7 +41,9 @@ def _tensor_args(args, kwargs) -> dict[Key, torch.Tensor]:
             if isinstance(v, torch.Tensor) and not v.is_inference()}
 
 
-def find_mutating_blocks(blocks: Iterable[nn.Module], run: Callable[[], object]) -> dict[nn.Module, set[Key]]:
+def find_mutating_blocks(
+    blocks: Iterable[nn.Module], run: Callable[[], object]
+) -> dict[nn.Module, set[Key]]:
     """Call ``run`` once with each of ``blocks`` watched; return the blocks that modified a
     tensor argument in place, with the keys of those arguments."""
     mutating: dict[nn.Module, set[Key]] = {}

@@ -6,7 +6,7 @@ scaled by ``1 / grad_accumulation_steps``, and steps the optimizer once. Because
 a step happen before it is split into micro-batches, 4 samples x 1 micro-batch and
 2 x 2 train on exactly the same samples, noise and timesteps.
 
-Before the first step, one forward of the first batch (its graph dropped) checks that the
+Before the first step, one forward of the first batch (without a graph) checks that the
 latents and conditioning fit the model and finds the blocks that write into their inputs in
 place (:mod:`.inplace`); it draws nothing from the run's generator.
 """
@@ -204,55 +204,63 @@ def _train(task, latents, config, existing, on_step) -> TrainResult:
     sampler = EpochSampler(count, generator)
     dataset = task.prepare_latents(latents).float().cpu()
 
-    blocks = checkpoint_blocks(task.network)
     losses: list[float] = []
-    with frozen(task.network), task.session(ForwardPatches(adapter_patches(task.network, adapters))):
-        mutating = find_mutating_blocks(
-            blocks, lambda: first_batch(task, dataset, batch_size, config))
-        patches = inplace_patches(mutating)
-        if config.gradient_checkpointing:
-            patches += [(block, checkpointed) for block in checkpointable(blocks, mutating)]
-        progress = tqdm(total=config.steps, desc="Train LoRA", unit="step", mininterval=1.0)
-        with ForwardPatches(patches), progress:
-            for step in range(1, config.steps + 1):
-                samples = sampler.take(per_step)
-                noise = torch.randn(dataset[samples].shape, generator=generator)
-                sigmas = task.sample_sigmas(per_step, generator)
-                step_loss = torch.zeros((), device=task.device)
-                for start in range(0, per_step, batch_size):
-                    part = slice(start, start + batch_size)
-                    loss = sample_losses(
-                        task, dataset, samples[part], noise[part], sigmas[part], config).mean()
-                    (loss / accumulation).backward()
-                    step_loss += loss.detach() / accumulation
-                value = float(step_loss)
-                if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"The loss became {value} at step {step} of {config.steps}; training "
-                        f"stopped and nothing was applied. Lower the learning rate (now "
-                        f"{config.learning_rate:g}) or use training_dtype fp32.")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(value)
-                progress.set_postfix(loss=f"{value:.4f}", refresh=False)
-                progress.update(1)
-                if on_step is not None:
-                    on_step(step, config.steps, value)
+    adapted = ForwardPatches(adapter_patches(task.network, adapters))
+    with frozen(task.network), task.session(adapted), \
+            ForwardPatches(run_patches(task, dataset, batch_size, config)), \
+            tqdm(total=config.steps, desc="Train LoRA", unit="step", mininterval=1.0) as progress:
+        for step in range(1, config.steps + 1):
+            samples = sampler.take(per_step)
+            noise = torch.randn(dataset[samples].shape, generator=generator)
+            sigmas = task.sample_sigmas(per_step, generator)
+            step_loss = torch.zeros((), device=task.device)
+            for start in range(0, per_step, batch_size):
+                part = slice(start, start + batch_size)
+                loss = sample_losses(
+                    task, dataset, samples[part], noise[part], sigmas[part], config).mean()
+                (loss / accumulation).backward()
+                step_loss += loss.detach() / accumulation
+            value = float(step_loss)
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"The loss became {value} at step {step} of {config.steps}; training "
+                    f"stopped and nothing was applied. Lower the learning rate (now "
+                    f"{config.learning_rate:g}) or use training_dtype fp32.")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(value)
+            progress.set_postfix(loss=f"{value:.4f}", refresh=False)
+            progress.update(1)
+            if on_step is not None:
+                on_step(step, config.steps, value)
 
     for p in params:
         p.requires_grad_(False)
     return TrainResult(lora_state_dict(adapters, task.key_prefix), losses, adapters, batch_size)
 
 
+def run_patches(task: DiffusionTask, dataset: torch.Tensor, batch_size: int, config) -> list:
+    """The run's forward patches besides the adapters (installed once they are): guards for
+    the blocks that the first batch shows writing into their inputs, then checkpointing."""
+    blocks = checkpoint_blocks(task.network)
+    mutating = find_mutating_blocks(
+        blocks, lambda: first_batch(task, dataset, batch_size, config))
+    patches = inplace_patches(mutating)
+    if config.gradient_checkpointing:
+        patches += [(block, checkpointed) for block in checkpointable(blocks, mutating)]
+    return patches
+
+
 def first_batch(task: DiffusionTask, dataset: torch.Tensor, batch_size: int, config) -> None:
-    """One forward of the first ``batch_size`` latents with gradients on (the graph is
-    dropped): it shows what the blocks do to their inputs, and a shape error here means the
-    latents or the conditioning do not fit the model."""
+    """One forward of the first ``batch_size`` latents without a graph (so its peak memory is
+    a forward's, whatever checkpointing saves later): it shows what the blocks do to their
+    inputs, and a shape error here means the latents or the conditioning do not fit."""
     samples = torch.arange(batch_size)
     sigmas = task.sample_sigmas(batch_size, torch.Generator().manual_seed(0))
     noise = torch.zeros(dataset[samples].shape)
     try:
-        sample_losses(task, dataset, samples, noise, sigmas, config)
+        with torch.no_grad():
+            sample_losses(task, dataset, samples, noise, sigmas, config)
     except RuntimeError as error:
         if not is_input_mismatch(error):
             raise

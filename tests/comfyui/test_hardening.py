@@ -1,7 +1,9 @@
 """Bad input, Cancel and repeated runs against real ComfyUI: clear errors, and the shared
 model left exactly as it was."""
 
+import contextlib
 import gc
+import sys
 
 import pytest
 import torch
@@ -126,3 +128,53 @@ def test_ten_runs_do_not_leak(train_node, comfy):
         assert module_state(model) == state
     print(f"RSS MiB after each run: {[round(r) for r in rss]}")
     assert rss[-1] <= rss[1] * 1.05, rss
+
+
+@pytest.mark.parametrize("ending", ["success", "cancel", "diverged"])
+def test_comfyui_training_switches_last_exactly_the_run(ending, sd15, train_node, pack):
+    """``in_training`` on and ``training_fp8_bwd`` off while the run trains (ComfyUI 0.33+),
+    both back to what they were however the run ends; the fused kernels swapped back too."""
+    import importlib
+
+    import comfy.model_management as mm
+    import comfy.utils
+
+    bridge = importlib.import_module(pack.__name__ + ".nodes.bridge")
+    flags = [name for name in bridge.TRAINING_FLAGS if hasattr(mm, name)]
+    if not flags:
+        pytest.skip("this ComfyUI has no training switches (added in 0.33)")
+    kitchen = sys.modules.get("comfy_kitchen")
+    kernels = {name: getattr(kitchen, name) for name in bridge._fused_kernels()}
+    before = {name: not bridge.TRAINING_FLAGS[name] for name in flags}  # the opposite
+    for name, value in before.items():
+        setattr(mm, name, value)
+    model, latents, positive, _ = sd15
+    during = []
+    watch = model.model.diffusion_model.register_forward_pre_hook(
+        lambda *_: during.append({name: getattr(mm, name) for name in flags}))
+
+    def hook(value, total, preview, node_id=None):
+        if ending == "cancel":
+            mm.interrupt_current_processing(True)
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        options = dict(steps=2)
+        if ending == "diverged":
+            latents = latents * 1e30
+        expected = {"success": contextlib.nullcontext(),
+                    "cancel": pytest.raises(mm.InterruptProcessingException),
+                    "diverged": pytest.raises(ValueError, match="loss became")}[ending]
+        with expected:
+            run_train(train_node, model, latents, positive, **options)
+    finally:
+        watch.remove()
+        comfy.utils.set_progress_bar_global_hook(previous)
+        mm.interrupt_current_processing(False)
+        restored = {name: getattr(mm, name) for name in flags}
+        for name in flags:
+            setattr(mm, name, False)  # ComfyUI's defaults
+    assert during and all(d == {n: bridge.TRAINING_FLAGS[n] for n in flags} for d in during)
+    assert restored == before
+    assert {name: getattr(kitchen, name) for name in kernels} == kernels
