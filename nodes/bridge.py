@@ -19,7 +19,6 @@ same way:
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Iterator
 
 import torch
@@ -182,24 +181,25 @@ class ComfyTask:
 
 # ComfyUI's switches for a training run (0.33+; absent before): set for the run, restored after.
 # ``in_training`` routes the families that read it to differentiable code (Flux's rope leaves
-# its fused kernel, which has no backward; Lumina, LTX, SeedVR, Wan and ``ops`` skip
+# its fused kernel, which has no backward; Lumina, LTX, SeedVR, MiniMax and ``ops`` skip
 # inference-only kernels that would also bypass a patched Linear's forward).
 # ``training_fp8_bwd`` is core's trainer's fp8-backward choice, which it never resets.
 TRAINING_FLAGS = {"in_training": True, "training_fp8_bwd": False}
 
 
-def _fused_kernels() -> dict[str, object]:
-    """comfy_kitchen's rope and adaLN kernels (ComfyUI 0.33+), by name, mapped to the same
-    function of its eager backend. The kernels are custom ops without a backward, and
+def _fused_kernels() -> tuple[object, dict[str, object]]:
+    """comfy_kitchen (ComfyUI 0.33+) and its rope and adaLN kernels by name, mapped to the
+    same function of its eager backend. The kernels are custom ops without a backward, and
     Cosmos, MiniMax, Ernie and Ideogram call some of them whatever ``in_training`` says; the
     eager backend computes the same with differentiable PyTorch ops."""
     try:
         import comfy_kitchen
         import comfy_kitchen.backends.eager as eager
     except ImportError:
-        return {}
-    return {name: getattr(eager, name) for name in getattr(comfy_kitchen, "__all__", ())
-            if ("rope" in name or "adaln" in name) and callable(getattr(eager, name, None))}
+        return None, {}
+    return comfy_kitchen, {
+        name: getattr(eager, name) for name in getattr(comfy_kitchen, "__all__", ())
+        if ("rope" in name or "adaln" in name) and callable(getattr(eager, name, None))}
 
 
 @contextlib.contextmanager
@@ -208,8 +208,7 @@ def training_mode() -> Iterator[None]:
     of its fused kernels; everything restored however the run ends."""
     mm = comfy.model_management
     previous = {name: getattr(mm, name) for name in TRAINING_FLAGS if hasattr(mm, name)}
-    kernels = _fused_kernels()
-    module = sys.modules.get("comfy_kitchen")
+    module, kernels = _fused_kernels()
     fused = {name: getattr(module, name) for name in kernels}
     try:
         for name in previous:

@@ -3,7 +3,6 @@ model left exactly as it was."""
 
 import contextlib
 import gc
-import sys
 
 import pytest
 import torch
@@ -143,8 +142,8 @@ def test_comfyui_training_switches_last_exactly_the_run(ending, sd15, train_node
     flags = [name for name in bridge.TRAINING_FLAGS if hasattr(mm, name)]
     if not flags:
         pytest.skip("this ComfyUI has no training switches (added in 0.33)")
-    kitchen = sys.modules.get("comfy_kitchen")
-    kernels = {name: getattr(kitchen, name) for name in bridge._fused_kernels()}
+    kitchen, swaps = bridge._fused_kernels()
+    kernels = {name: getattr(kitchen, name) for name in swaps}
     before = {name: not bridge.TRAINING_FLAGS[name] for name in flags}  # the opposite
     for name, value in before.items():
         setattr(mm, name, value)
