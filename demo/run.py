@@ -12,9 +12,11 @@ import time
 
 import torch
 
-from ..lora.io import save_lora_file
+from .. import __version__
+from ..lora.io import lora_file_metadata, save_lora_file
 from ..training.config import TrainConfig
 from ..training.loop import evaluate, train
+from ..training.options import OPTIONS_NODE, markdown_table, training_metadata
 from ..training.plot import png_bytes, render_loss_plot
 from ..training.task import TorchTask, discrete_vp_sigmas
 from .models import TinyUNet
@@ -54,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="lora_lab_demo", help="output folder (default: %(default)s)")
     demo.add_argument("--steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
+    sub.add_parser("options-table", help="print the README's Training Options table")
     args = parser.parse_args(argv)
+    if args.command == "options-table":
+        print(markdown_table(OPTIONS_NODE))
+        return 0
 
     task, latents = build_task(args.seed)
     config = TrainConfig(
@@ -70,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     after = evaluate(task, latents, config, result.adapters)
 
     os.makedirs(args.out, exist_ok=True)
-    metadata = {"lora_lab.steps": str(args.steps), "lora_lab.algorithm": config.algorithm,
-                "ss_network_dim": str(config.rank), "ss_network_alpha": str(config.alpha)}
+    metadata = lora_file_metadata(result.lora, training_metadata(
+        config, steps=args.steps, algorithm=config.algorithm, rank=config.rank,
+        alpha=config.adapter_alpha, batch_size=result.batch_size, base_model="TinyUNet",
+        version=__version__))
     path = save_lora_file(result.lora, args.out, f"demo_lora_{args.steps}_steps", metadata)
     plot_path = os.path.join(args.out, "loss.png")
     with open(plot_path, "wb") as f:

@@ -106,6 +106,10 @@ class Adapter(nn.Module):
     KEYS: ClassVar[tuple[str, ...]]
     USES_BASE_WEIGHT: ClassVar[bool] = False
     USES_BASE_BIAS: ClassVar[bool] = False
+    # the delta is scaled by alpha / rank (what rsLoRA rescales to alpha / sqrt(rank))
+    ALPHA_OVER_RANK: ClassVar[bool] = False
+    # the zero-initialised output-side factors ("B"), which LoRA+ trains at a higher rate
+    UP_PARAMETERS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

@@ -35,6 +35,8 @@ EPS = torch.finfo(torch.float32).eps  # what ComfyUI adds to the norm of its flo
 
 class DoRA(LoRA):
     NAME = "DoRA"
+    ALPHA_OVER_RANK = True
+    UP_PARAMETERS = ("up",)
     KEYS = ("dora_scale", "lora_up.weight", "lora_down.weight")
     USES_BASE_WEIGHT = True
 

@@ -31,6 +31,8 @@ _NAMES = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
 
 class GLoRA(Adapter):
     NAME = "GLoRA"
+    ALPHA_OVER_RANK = True
+    UP_PARAMETERS = ("a1", "b1")
     KEYS = _NAMES
 
     def __init__(self, geometry: LayerGeometry, rank: int, alpha: float,

@@ -12,6 +12,8 @@ unchanged while training and exactly restored afterwards.
 from __future__ import annotations
 
 import logging
+import math
+import re
 from typing import Callable, Mapping
 
 import torch
@@ -23,16 +25,62 @@ from .base import Adapter, LayerGeometry, layer_geometry
 log = logging.getLogger(__name__)
 
 
-def find_targets(network: nn.Module) -> dict[str, tuple[nn.Module, LayerGeometry]]:
-    """The layers that receive adapters, by module path, in the network's own order."""
-    targets = {}
+# Layer names of attention and feed-forward blocks across families: SD's attn1/attn2 and ff,
+# MMDiT/Flux's attn, img_attn/txt_attn and mlp, img_mlp/txt_mlp, Wan's self_attn/cross_attn
+# and ffn, Flux single blocks' fused linear1/linear2. Embedders' MLPs (timestep, pooled
+# text) are not feed-forward blocks.
+_ATTENTION = re.compile(
+    r"(^|\.)(attn\d*|attention|self_attn|cross_attn|img_attn|txt_attn|attn_\w+)(\.|$)")
+_MLP = re.compile(r"(^|\.)(ff|ffn|mlp|img_mlp|txt_mlp|feed_forward|ff_context)(\.|$)"
+                  r"|single_blocks\.\d+\.linear[12]$")
+_EMBEDDER = re.compile(r"embed")
+PRESETS = {
+    "linear": None, "all": None,
+    "attention": lambda name: bool(_ATTENTION.search(name)),
+    "attention_and_mlp": lambda name: bool(
+        _ATTENTION.search(name) or (_MLP.search(name) and not _EMBEDDER.search(name))),
+}
+
+
+def find_targets(
+    network: nn.Module, layers: str = "linear", include: str = "", exclude: str = "",
+) -> dict[str, tuple[nn.Module, LayerGeometry]]:
+    """The layers that receive adapters, by module path, in the network's own order.
+
+    ``layers``: ``linear`` (every Linear and 1x1 conv), ``all`` (also larger convs),
+    ``attention`` or ``attention_and_mlp`` (the Linear/1x1 layers inside such blocks, by
+    name). ``include`` / ``exclude``: regular expressions searched in the module path; a
+    pattern that selects nothing is a ValueError naming it and a few real names.
+    """
+    if layers not in PRESETS:
+        raise ValueError(f"target_layers={layers!r} is not available; choose one of "
+                         f"{', '.join(PRESETS)}.")
+    every = {}
     for name, module in network.named_modules():
         geometry = layer_geometry(module)
         if geometry is None:
             continue
-        if geometry.is_conv and any(k != 1 for k in geometry.kernel_size):
+        if layers != "all" and geometry.is_conv and any(k != 1 for k in geometry.kernel_size):
             continue
-        targets[name] = (module, geometry)
+        every[name] = (module, geometry)
+    targets = every
+    if PRESETS[layers] is not None:
+        targets = {n: t for n, t in targets.items() if PRESETS[layers](n)}
+    for option, pattern, keep in (("include", include, True), ("exclude", exclude, False)):
+        if not pattern:
+            continue
+        regex = re.compile(pattern)
+        hits = {n for n in targets if regex.search(n)}
+        if not hits:
+            names = list(targets or every)[:4]
+            raise ValueError(
+                f"{option}={pattern!r} matches none of the {len(targets)} layers "
+                f"target_layers={layers!r} selects, e.g. {', '.join(names)}; fix the pattern.")
+        targets = {n: t for n, t in targets.items() if (n in hits) == keep}
+        if not targets:
+            raise ValueError(
+                f"{option}={pattern!r} leaves no layer to train (it matches all "
+                f"{len(hits)}, e.g. {', '.join(sorted(hits)[:4])}); make it narrower.")
     return targets
 
 
@@ -43,6 +91,9 @@ def create_adapters(
     alpha: float,
     dtype: torch.dtype,
     generator: torch.Generator,
+    *,
+    targets: dict[str, tuple[nn.Module, LayerGeometry]] | None = None,
+    rslora: bool = False,
 ) -> dict[str, Adapter]:
     """Fresh adapters (zero delta) for every target layer, initialised from ``generator``.
 
@@ -55,7 +106,12 @@ def create_adapters(
             f"algorithm {algorithm!r} is not available; choose one of {', '.join(ADAPTERS)}."
         )
     cls = ADAPTERS[algorithm]
-    targets = find_targets(network)
+    if rslora and not cls.ALPHA_OVER_RANK:
+        raise ValueError(
+            f"rslora scales alpha / sqrt(rank) for the algorithms whose scale is alpha / rank "
+            f"({', '.join(n for n, c in ADAPTERS.items() if c.ALPHA_OVER_RANK)}); {algorithm} "
+            "scales otherwise. Turn rslora off or pick one of those.")
+    targets = find_targets(network) if targets is None else targets
     if not targets:
         raise ValueError(
             f"The model ({type(network).__name__}) has no Linear or 1x1 Conv layer that "
@@ -68,8 +124,11 @@ def create_adapters(
             continue
         layer_rank = cls.layer_rank(geometry, rank)
         clamped += layer_rank < rank
+        # rsLoRA (Kalajdzievski 2023): scale alpha / sqrt(r), saved as alpha' = alpha sqrt(r)
+        # so that ComfyUI's alpha' / r is the same scale
+        layer_alpha = alpha * math.sqrt(layer_rank) if rslora else alpha
         adapters[name] = cls(
-            geometry, layer_rank, alpha, dtype, generator,
+            geometry, layer_rank, layer_alpha, dtype, generator,
             weight=module.weight, bias=getattr(module, "bias", None))
     if clamped:
         log.warning(

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from . import ADAPTERS
-from .base import Adapter
-from .inject import find_targets
+from .base import Adapter, LayerGeometry, layer_geometry
+from .diff import NormDelta, is_norm_delta_key, norm_deltas_from_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +92,19 @@ def detect_algorithm(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> t
         f"The LoRA mixes algorithms: {mix}; only a file of one algorithm can be continued.")
 
 
-def adapters_from_state_dict(
-    network: nn.Module,
-    tensors: Mapping[str, torch.Tensor],
-    prefix: str,
-    dtype: torch.dtype,
-) -> dict[str, Adapter]:
-    """Adapters rebuilt from a saved LoRA, after checking every key fits ``network``.
+def adaptable_layers(network: nn.Module) -> dict[str, tuple[nn.Module, LayerGeometry]]:
+    """Every layer a saved adapter may name: each Linear and ungrouped ConvNd of any kernel
+    size (a file decides which of them it adapts, whatever layers a new run would pick)."""
+    layers = {}
+    for name, module in network.named_modules():
+        geometry = layer_geometry(module)
+        if geometry is not None:
+            layers[name] = (module, geometry)
+    return layers
 
-    The algorithm comes from the keys (whatever the node's ``algorithm`` says); each adapter
-    gets its layer's weight and bias, as a new one would.
-    """
+
+def _adapters(network, tensors, prefix, dtype) -> tuple[type[Adapter], dict[str, Adapter], set]:
+    """The file's adapters (one algorithm), checked against ``network``, and the keys used."""
     if not modules_by_algorithm(tensors):
         detect_algorithm(tensors)  # raises: no known keys at all
     found = modules_by_algorithm(tensors, prefix)
@@ -110,7 +112,7 @@ def adapters_from_state_dict(
         raise ValueError(
             f"The LoRA has no keys under {prefix!r}; it was made for another model or format.")
     cls = detect_algorithm(tensors, prefix)
-    targets = find_targets(network)
+    targets = adaptable_layers(network)
     suffix = "." + cls.KEYS[0]
     adapters, used = {}, set()
     for name in found[cls]:
@@ -123,7 +125,8 @@ def adapters_from_state_dict(
         for key in cls.required_keys(tensors, key_prefix):
             if key not in tensors:
                 raise ValueError(f"The LoRA lacks {key}; the file is incomplete.")
-        own = {k: v for k, v in tensors.items() if k.startswith(key_prefix + ".")}
+        own = {k: v for k, v in tensors.items()
+               if k.startswith(key_prefix + ".") and not is_norm_delta_key(k)}
         for key, value in own.items():
             if not value.is_floating_point():
                 raise ValueError(
@@ -145,12 +148,61 @@ def adapters_from_state_dict(
             geometry, dict(tensors), key_prefix, dtype,
             weight=module.weight, bias=getattr(module, "bias", None))
         used.update(own)
+    return cls, adapters, used
+
+
+def adapters_from_state_dict(
+    network: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    prefix: str,
+    dtype: torch.dtype,
+) -> dict[str, Adapter]:
+    """Adapters rebuilt from a saved LoRA, after checking every key fits ``network``.
+
+    The algorithm comes from the keys (whatever the node's ``algorithm`` says); each adapter
+    gets its layer's weight and bias, as a new one would. A layer of any kernel size can be
+    continued (a file with 3x3 conv adapters continues whatever a new run would target).
+    Norm/bias deltas (``diff`` / ``diff_b`` keys) are not read here: they are dropped with
+    a warning; :func:`lora_from_state_dict` rebuilds them as well.
+    """
+    cls, adapters, used = _adapters(network, tensors, prefix, dtype)
     ignored = [k for k in tensors if k.startswith(prefix) and k not in used]
+    deltas = [k for k in ignored if is_norm_delta_key(k)]
+    if deltas:
+        log.warning(
+            "Continuing the %s: %d norm/bias delta keys (diff, diff_b) are dropped (first: %s); "
+            "turn train_norm_bias on to continue them.", cls.NAME, len(deltas), deltas[0])
+    others = [k for k in ignored if not is_norm_delta_key(k)]
+    if others:
+        log.warning(
+            "Continuing the %s: %d keys are not part of it and are dropped (first: %s).",
+            cls.NAME, len(others), others[0])
+    return adapters
+
+
+def lora_from_state_dict(
+    network: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    prefix: str,
+    dtype: torch.dtype,
+) -> tuple[dict[str, Adapter], dict[str, NormDelta]]:
+    """The adapters and the norm/bias deltas (``diff`` / ``diff_b``) of a saved LoRA.
+
+    As :func:`adapters_from_state_dict` for the adapters (the file must hold a known
+    algorithm's keys); every ``<prefix><module>.diff`` / ``.diff_b`` key is rebuilt into a
+    :class:`lora.diff.NormDelta` of that module (checked: the layer exists, takes that delta,
+    same shape, finite). Install the deltas' patches after the adapters'. Other keys are
+    dropped with a warning.
+    """
+    cls, adapters, used = _adapters(network, tensors, prefix, dtype)
+    deltas = norm_deltas_from_state_dict(network, tensors, prefix, dtype)
+    ignored = [k for k in tensors
+               if k.startswith(prefix) and k not in used and not is_norm_delta_key(k)]
     if ignored:
         log.warning(
             "Continuing the %s: %d keys are not part of it and are dropped (first: %s).",
             cls.NAME, len(ignored), ignored[0])
-    return adapters
+    return adapters, deltas
 
 
 def save_lora_file(
@@ -292,8 +344,12 @@ def lora_file_metadata(
         "ss_mixed_precision": {"bf16": "bf16", "fp32": "no"}.get(get("lora_lab.training_dtype", "")),
         "ss_save_precision": _PRECISIONS.get(get("lora_lab.lora_dtype", "")),
         "ss_base_model_version": _BASE_MODEL_VERSIONS.get(get("lora_lab.base_model", "")),
-        "ss_lr_scheduler": "constant" if "lora_lab.learning_rate" in meta else None,
     }
+    from ..training.options import DECLARED  # the options that name a kohya key
+
+    for option in DECLARED:
+        if option.kohya and kohya.get(option.kohya) is None:
+            kohya[option.kohya] = get(f"lora_lab.{option.name}")
     if get("lora_lab.algorithm", "LoRA") != "LoRA":
         kohya["ss_network_args"] = '{"algo": "%s"}' % get("lora_lab.algorithm").lower()
     meta.update({k: v for k, v in kohya.items() if v is not None})

@@ -26,6 +26,8 @@ _NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 class LoHa(Adapter):
     NAME = "LoHa"
+    ALPHA_OVER_RANK = True
+    UP_PARAMETERS = ("w1_a", "w2_a")
     KEYS = _NAMES
 
     def __init__(self, geometry: LayerGeometry, rank: int, alpha: float,

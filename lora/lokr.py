@@ -30,6 +30,8 @@ from .base import Adapter, LayerGeometry, alpha_of, full_precision, kaiming_unif
 
 class LoKr(Adapter):
     NAME = "LoKr"
+    ALPHA_OVER_RANK = False
+    UP_PARAMETERS = ("w2",)
     KEYS = ("lokr_w1", "lokr_w2")
 
     def __init__(self, geometry: LayerGeometry, rank: int, alpha: float,

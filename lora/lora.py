@@ -23,6 +23,8 @@ from .base import Adapter, LayerGeometry, alpha_of, kaiming_uniform_
 
 class LoRA(Adapter):
     NAME = "LoRA"
+    ALPHA_OVER_RANK = True
+    UP_PARAMETERS = ("up",)
     KEYS = ("lora_up.weight", "lora_down.weight")
 
     def __init__(

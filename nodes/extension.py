@@ -4,11 +4,13 @@ from comfy_api.latest import ComfyExtension, io
 
 from .apply import ApplyLoRA
 from .dataset import LoadDataset
+from .options import TrainingOptions
 from .plot import PlotLoss
 from .save import SaveLoRA
 from .train import TrainLoRA
 
-NODES: list[type[io.ComfyNode]] = [LoadDataset, TrainLoRA, SaveLoRA, PlotLoss, ApplyLoRA]
+NODES: list[type[io.ComfyNode]] = [
+    LoadDataset, TrainLoRA, TrainingOptions, SaveLoRA, PlotLoss, ApplyLoRA]
 
 
 class LoRALabExtension(ComfyExtension):

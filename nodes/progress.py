@@ -43,7 +43,8 @@ class LiveProgress:
         self._last_preview = 0.0
         self.server, self.node_id = _server_and_node()
 
-    def __call__(self, step: int, total: int, loss: float) -> None:
+    def __call__(self, report) -> None:
+        step, total, loss = report.step, report.total, report.loss
         self.losses.append(loss)
         preview = None
         now = time.monotonic()

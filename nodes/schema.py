@@ -10,7 +10,7 @@ IO_TYPES = {
     "MODEL": io.Model, "LATENT": io.Latent, "CONDITIONING": io.Conditioning, "INT": io.Int,
     "FLOAT": io.Float, "COMBO": io.Combo, "BOOLEAN": io.Boolean, "STRING": io.String,
     "IMAGE": io.Image, "VAE": io.Vae, "CLIP": io.Clip, "LORA_MODEL": io.LoraModel,
-    "LOSS_MAP": io.LossMap,
+    "LOSS_MAP": io.LossMap, "LORALAB_OPTIONS": io.Custom("LORALAB_OPTIONS"),
 }
 
 

@@ -6,16 +6,25 @@ the node contract without needing ComfyUI.
 
 from __future__ import annotations
 
-from ..lora import ADAPTERS
-from ..losses import LOSSES
-from ..optimizers import OPTIMIZERS
-from ..training.config import DTYPES, TrainConfig
+from ..training.options import BY_NAME, OPTIONS_NODE, TRAIN_NODE, node_options
 from .companion_spec import NodeSpec
 
 NONE_LORA = "[None]"
+OPTIONS_TYPE = "LORALAB_OPTIONS"
 
-# (name, ComfyUI type, options) in the contract's order. Options: default/min/max/step for
-# numbers, "options" for combos. Tooltips come from TrainConfig where it has the field.
+
+def option_input(name: str) -> tuple[str, str, dict]:
+    """A node input made from the declared option ``name`` (training/options.py)."""
+    option = BY_NAME[name]
+    return name, option.kind, option.widget()
+
+
+OPTIONS_INPUT = (
+    "options", OPTIONS_TYPE, {"optional": True, "tooltip": (
+        "Training Options (warm-up, schedule, clipping, EMA, LoRA+, target layers...). "
+        "Unconnected: every option at its default.")})
+
+# Train LoRA's inputs in the contract's order, then the optional options socket.
 TRAIN_INPUTS: list[tuple[str, str, dict]] = [
     ("model", "MODEL", {"tooltip": "The diffusion model to train on. It is not modified: the "
                         "LoRA trains on a clone and other branches keep the original."}),
@@ -23,25 +32,13 @@ TRAIN_INPUTS: list[tuple[str, str, dict]] = [
                            "Load Image Dataset). All latents share one size."}),
     ("positive", "CONDITIONING", {"tooltip": "Conditioning to train with: one for all latents, or "
                                   "exactly one per latent (in the same order)."}),
-    ("batch_size", "INT", {"default": 1, "min": 1, "max": 10000}),
-    ("grad_accumulation_steps", "INT", {"default": 1, "min": 1, "max": 1024}),
-    ("steps", "INT", {"default": 16, "min": 1, "max": 100000}),
-    ("learning_rate", "FLOAT", {"default": 0.0005, "min": 0.0000001, "max": 1.0, "step": 0.0000001}),
-    ("rank", "INT", {"default": 8, "min": 1, "max": 128}),
-    ("optimizer", "COMBO", {"options": list(OPTIMIZERS), "default": "AdamW"}),
-    ("loss_function", "COMBO", {"options": list(LOSSES), "default": "MSE"}),
-    ("seed", "INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                     "control_after_generate": True}),
-    ("training_dtype", "COMBO", {"options": list(DTYPES), "default": "bf16"}),
-    ("lora_dtype", "COMBO", {"options": list(DTYPES), "default": "bf16"}),
-    ("algorithm", "COMBO", {"options": list(ADAPTERS), "default": next(iter(ADAPTERS))}),
-    ("gradient_checkpointing", "BOOLEAN", {"default": True}),
+    *(option_input(option.name) for option in node_options(TRAIN_NODE)),
     ("existing_lora", "COMBO", {"options": [NONE_LORA], "default": NONE_LORA, "tooltip":
                                 "A LoRA from the loras folder to continue training (safetensors "
                                 "only; it keeps its own rank and alpha), or [None] for a new LoRA. "
                                 "Its previous steps are added to the steps output."}),
+    OPTIONS_INPUT,
 ]
-
 # (id, ComfyUI type, display name, tooltip)
 TRAIN_OUTPUTS: list[tuple[str, str, str, str]] = [
     ("model_with_lora", "MODEL", "model_with_lora",
@@ -56,20 +53,30 @@ TRAIN_OUTPUTS: list[tuple[str, str, str, str]] = [
 ]
 
 
-def tooltip(name: str, options: dict) -> str:
-    if "tooltip" in options:
-        return options["tooltip"]
-    return TrainConfig.help(name)
-
-
 TRAIN_LORA = NodeSpec(
     node_id="LoRALab_TrainLoRA",
     display_name="Train LoRA",
     description=(
         "Train a LoRA on a diffusion model from latents and conditioning. The loss is taken in "
         "the model's native prediction space (noise, v or flow velocity)."),
-    inputs=[(name, kind, {**options, "tooltip": tooltip(name, options)})
-            for name, kind, options in TRAIN_INPUTS],
+    inputs=TRAIN_INPUTS,
     outputs=TRAIN_OUTPUTS,
     flags={"not_idempotent": True},
+)
+
+
+TRAINING_OPTIONS = NodeSpec(
+    node_id="LoRALab_TrainingOptions",
+    display_name="Training Options",
+    description=(
+        "Options of a Train LoRA run beyond its own widgets: learning-rate schedule and "
+        "warm-up, gradient clipping, weight decay, EMA, alpha and rsLoRA, LoRA+, which layers "
+        "to train, norm and bias deltas. Chain several: a later node's changed values win."),
+    inputs=[*(option_input(option.name) for option in node_options(OPTIONS_NODE)),
+            ("options", OPTIONS_TYPE, {"optional": True, "tooltip": (
+                "Options from another Training Options node; the values changed on this node "
+                "(different from their default) replace them.")})],
+    # the output's id differs from the input's (ComfyUI requires it); both show as "options"
+    outputs=[("options_out", OPTIONS_TYPE, "options",
+              "Connect to Train LoRA's options input (or to another Training Options node).")],
 )

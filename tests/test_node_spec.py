@@ -1,7 +1,7 @@
 """The Train LoRA node declares exactly the contract's inputs and outputs (no ComfyUI needed)."""
 
 from lora_lab.lora import ADAPTERS
-from lora_lab.nodes.spec import TRAIN_INPUTS, TRAIN_OUTPUTS, tooltip
+from lora_lab.nodes.spec import TRAIN_INPUTS, TRAIN_OUTPUTS
 
 # The contract (shared/spec/train_lora_node.md): name, type, default, min, max, options.
 CONTRACT = [
@@ -13,7 +13,9 @@ CONTRACT = [
     ("steps", "INT", 16, 1, 100000, None),
     ("learning_rate", "FLOAT", 0.0005, 0.0000001, 1.0, None),
     ("rank", "INT", 8, 1, 128, None),
-    ("optimizer", "COMBO", "AdamW", None, None, ["AdamW", "Adam", "SGD", "RMSprop"]),
+    # the contract's four, then the optimizers added since (issue: Training Options)
+    ("optimizer", "COMBO", "AdamW", None, None, ["AdamW", "Adam", "SGD", "RMSprop", "Prodigy",
+                                                 "AdamWScheduleFree", "Adafactor", "Lion"]),
     ("loss_function", "COMBO", "MSE", None, None, ["MSE", "L1", "Huber", "SmoothL1"]),
     ("seed", "INT", 0, 0, 18446744073709551615, None),
     ("training_dtype", "COMBO", "bf16", None, None, ["bf16", "fp32"]),
@@ -25,7 +27,8 @@ CONTRACT = [
 
 
 def test_inputs_equal_the_contract():
-    assert len(TRAIN_INPUTS) == 16
+    """The contract's 16 inputs in order, then only optional inputs (the options socket)."""
+    assert len(TRAIN_INPUTS) == 17
     for (name, kind, options), (c_name, c_kind, default, low, high, choices) in zip(
             TRAIN_INPUTS, CONTRACT):
         assert (name, kind) == (c_name, c_kind)
@@ -33,7 +36,10 @@ def test_inputs_equal_the_contract():
         assert options.get("min") == low and options.get("max") == high, name
         if choices is not None:
             assert options["options"] == choices, name
-        assert tooltip(name, options), f"{name} has no tooltip"
+        assert options.get("tooltip"), f"{name} has no tooltip"
+        assert not options.get("optional"), name
+    name, kind, options = TRAIN_INPUTS[16]
+    assert (name, kind) == ("options", "LORALAB_OPTIONS") and options["optional"]
 
 
 def test_algorithm_lists_lora_first_and_only_registered_algorithms():

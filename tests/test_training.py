@@ -171,7 +171,7 @@ def test_out_of_range_config_is_value_error(field, value):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("optimizer", "Lion"), ("loss_function", "Focal"), ("algorithm", "Nope"),
+    ("optimizer", "Nadam9"), ("loss_function", "Focal"), ("algorithm", "Nope"),
 ])
 def test_unknown_registry_names_are_value_errors(field, value):
     task, latents = make_task("unet")

@@ -1,69 +1,48 @@
-"""The training configuration; its help texts are also the node's tooltips."""
+"""The training configuration: one frozen field per declared option (:mod:`.options`), with
+the option's default, validated against its declaration when the config is made."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import field, make_dataclass
 
-import torch
+from .options import BY_NAME, DECLARED, DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+__all__ = ["DTYPES", "TrainConfig"]
 
-
-def _opt(default, help):
-    return field(default=default, metadata={"help": help})
+_TYPES = {"INT": int, "FLOAT": float, "BOOLEAN": bool, "COMBO": str, "STRING": str}
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int = _opt(
-        1, "Samples per micro-batch. Larger than the number of latents: all latents are used, "
-        "with a warning. Every sample is trained with its own conditioning.")
-    grad_accumulation_steps: int = _opt(
-        1, "Micro-batches per optimizer step; gradients are averaged over them, so an "
-        "optimizer step sees batch_size x grad_accumulation_steps samples.")
-    steps: int = _opt(16, "Optimizer steps to train for (not counting micro-batches).")
-    learning_rate: float = _opt(0.0005, "Learning rate of the optimizer.")
-    rank: int = _opt(
-        8, "Size of the adapters. LoRA, DoRA, LoHa, GLoRA: the inner dimension r; LoKr: the "
-        "Kronecker factor; OFT, BOFT: the block size. A layer too small for it uses what it "
-        "allows. Ignored when continuing an existing LoRA, which keeps its own.")
-    alpha: float = _opt(1.0, "LoRA alpha: the delta is scaled by alpha / rank.")
-    optimizer: str = _opt("AdamW", "Optimizer; torch's default hyperparameters.")
-    loss_function: str = _opt(
-        "MSE", "Loss between the model's prediction and its native target (noise for eps "
-        "models, v for v-prediction, velocity noise - x0 for flow models).")
-    seed: int = _opt(
-        0, "Seed of the one generator behind LoRA init, batch order, noise and timesteps: the "
-        "same inputs and seed give the same LoRA on CPU. The global RNG is left untouched.")
-    training_dtype: str = _opt(
-        "bf16", "bf16: run the model under bf16 autocast (faster, less memory). fp32: no "
-        "autocast.")
-    lora_dtype: str = _opt(
-        "bf16", "Dtype of the saved adapter weights and of the adapter in the forward pass. "
-        "The optimizer always updates fp32 master weights, so small bf16 updates are not lost.")
-    algorithm: str = _opt(
-        "LoRA", "The adapter algorithm to train: LoRA, LoHa, LoKr, OFT, BOFT, GLoRA or DoRA. "
-        "When continuing an existing LoRA, the file's own algorithm is used, whatever this says.")
-    gradient_checkpointing: bool = _opt(
-        True, "Recompute the model's blocks in backward instead of storing their activations: "
-        "less memory, about one more forward of time per step.")
-
-    def __post_init__(self) -> None:
-        for name, low, high in (
-            ("batch_size", 1, 10000), ("grad_accumulation_steps", 1, 1024),
-            ("steps", 1, 100000), ("rank", 1, 128), ("seed", 0, 2**64 - 1),
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                raise ValueError(f"{name}={value!r} is out of range; use an integer in {low}..{high}.")
-        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate <= 1.0):
+def _validate(self) -> None:
+    for option in DECLARED:
+        option.check(getattr(self, option.name))
+    if self.warmup_steps >= self.steps and self.warmup_steps > 0:
+        raise ValueError(
+            f"warmup_steps={self.warmup_steps} is not shorter than the run (steps="
+            f"{self.steps}); use fewer warm-up steps or more steps.")
+    for name in ("include", "exclude"):
+        try:
+            re.compile(getattr(self, name))
+        except re.error as error:
             raise ValueError(
-                f"learning_rate={self.learning_rate!r} is out of range; use a value in (0, 1].")
-        for name in ("training_dtype", "lora_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(
-                    f"{name}={getattr(self, name)!r} is not supported; choose one of {', '.join(DTYPES)}.")
+                f"{name}={getattr(self, name)!r} is not a valid regular expression ({error}); "
+                "fix the pattern, e.g. 'attn' or 'transformer_blocks\\.0\\.'.") from None
 
-    @classmethod
-    def help(cls, name: str) -> str:
-        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+def _adapter_alpha(self) -> float:
+    """The alpha adapters are made with: ``alpha``, or 1 when it is 0 (the default)."""
+    return float(self.alpha) if self.alpha else 1.0
+
+
+def _help(cls, name: str) -> str:
+    return BY_NAME[name].help
+
+
+TrainConfig = make_dataclass(
+    "TrainConfig",
+    [(o.name, _TYPES[o.kind], field(default=o.default)) for o in DECLARED],
+    frozen=True,
+    namespace={"__post_init__": _validate, "adapter_alpha": property(_adapter_alpha),
+               "help": classmethod(_help), "__module__": __name__,
+               "__doc__": "Every declared option of a training run (see training/options.py)."},
+)

@@ -23,19 +23,35 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..lora import ADAPTERS, Adapter
-from ..lora.inject import ForwardPatches, adapter_patches, create_adapters, lora_state_dict
-from ..losses import LOSSES, per_sample_loss
-from ..optimizers import OPTIMIZERS, make_optimizer
+from ..lora import Adapter
+from ..lora.diff import NormDelta, create_norm_deltas
+from ..lora.inject import (
+    ForwardPatches, adapter_patches, create_adapters, find_targets, lora_state_dict,
+)
+from ..losses import per_sample_loss
+from ..optimizers import make_optimizer, set_training
+from . import schedule
 from .batching import EpochSampler
 from .checkpointing import checkpoint_blocks, checkpointed
 from .inplace import checkpointable, find_mutating_blocks, inplace_patches
 from .config import DTYPES, TrainConfig
+from .ema import EMA
 from .task import DiffusionTask
 
 log = logging.getLogger(__name__)
 
-StepCallback = Callable[[int, int, float], None]
+@dataclass(frozen=True)
+class StepReport:
+    """What a run reports after each optimizer step (to ``on_step``)."""
+
+    step: int
+    total: int
+    loss: float  # the mean of the step's micro-batch losses
+    learning_rate: float  # the learning rate this step used (LoRA+ up factors: x the ratio)
+    adapters: Mapping[str, Adapter]  # the live adapters (read them, do not change them)
+
+
+StepCallback = Callable[[StepReport], None]
 
 
 class TrainingDiverged(ValueError):
@@ -48,16 +64,6 @@ class TrainResult:
     losses: list[float]  # one value per optimizer step: the mean of its micro-batches
     adapters: dict[str, Adapter]
     batch_size: int  # the batch size actually used
-
-
-def check_config(config: TrainConfig) -> None:
-    for name, registry in (
-        ("optimizer", OPTIMIZERS), ("loss_function", LOSSES), ("algorithm", ADAPTERS),
-    ):
-        if getattr(config, name) not in registry:
-            raise ValueError(
-                f"{name}={getattr(config, name)!r} is not available; choose one of "
-                f"{', '.join(registry)}.")
 
 
 def check_latents(latents: torch.Tensor) -> None:
@@ -166,31 +172,41 @@ def train(
     config: TrainConfig,
     *,
     existing: Mapping[str, Adapter] | None = None,
+    existing_deltas: Mapping[str, NormDelta] | None = None,
     on_step: StepCallback | None = None,
 ) -> TrainResult:
-    """Train adapters on ``latents`` and return the LoRA, the losses and the adapters."""
-    check_config(config)
+    """Train adapters on ``latents`` and return the LoRA, the losses and the adapters.
+
+    ``existing`` (and ``existing_deltas``, its file's norm/bias deltas) continue a LoRA; a
+    new one gets deltas when ``train_norm_bias`` is on."""
     check_latents(latents)
     with torch.inference_mode(False), torch.enable_grad():
-        return _train(task, latents.clone(), config, existing, on_step)
+        return _train(task, latents.clone(), config, existing, existing_deltas, on_step)
 
 
-def _train(task, latents, config, existing, on_step) -> TrainResult:
+def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainResult:
     generator = torch.Generator().manual_seed(config.seed)
     lora_dtype = DTYPES[config.lora_dtype]
     if existing is None:
+        targets = find_targets(
+            task.network, config.target_layers, config.include, config.exclude)
         adapters = create_adapters(
-            task.network, config.algorithm, config.rank, config.alpha, lora_dtype, generator)
+            task.network, config.algorithm, config.rank, config.adapter_alpha, lora_dtype,
+            generator, targets=targets, rslora=config.rslora)
+        deltas = create_norm_deltas(task.network, lora_dtype) if config.train_norm_bias else {}
     else:
-        adapters = dict(existing)
-        for adapter in adapters.values():
+        adapters, deltas = dict(existing), dict(existing_deltas or {})
+        for adapter in [*adapters.values(), *deltas.values()]:
             adapter.compute_dtype = lora_dtype
-    for adapter in adapters.values():
+    for adapter in [*adapters.values(), *deltas.values()]:
         adapter.to(task.device)
-    params = [p for adapter in adapters.values() for p in adapter.parameters()]
+    params = [p for a in [*adapters.values(), *deltas.values()] for p in a.parameters()]
     for p in params:
         p.requires_grad_(True)
-    optimizer = make_optimizer(config.optimizer, params, config.learning_rate)
+    optimizer = make_optimizer(
+        config.optimizer, parameter_groups({**adapters, **_keyed(deltas)}, config),
+        config.learning_rate, weight_decay=config.weight_decay)
+    ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
 
     count = latents.shape[0]
     batch_size = config.batch_size
@@ -205,11 +221,18 @@ def _train(task, latents, config, existing, on_step) -> TrainResult:
     dataset = task.prepare_latents(latents).float().cpu()
 
     losses: list[float] = []
-    adapted = ForwardPatches(adapter_patches(task.network, adapters))
+    # deltas after adapters: OFT/BOFT rotate base(x) - bias, a bias delta must stay outside
+    adapted = ForwardPatches(
+        adapter_patches(task.network, adapters) + adapter_patches(task.network, deltas))
     with frozen(task.network), task.session(adapted), \
             ForwardPatches(run_patches(task, dataset, batch_size, config)), \
             tqdm(total=config.steps, desc="Train LoRA", unit="step", mininterval=1.0) as progress:
+        set_training(optimizer, True)
+        base_rates = [group["lr"] for group in optimizer.param_groups]
         for step in range(1, config.steps + 1):
+            learning_rate = config.learning_rate * schedule.factor(step, config)
+            for group, rate in zip(optimizer.param_groups, base_rates):
+                group["lr"] = rate * learning_rate / config.learning_rate
             samples = sampler.take(per_step)
             noise = torch.randn(dataset[samples].shape, generator=generator)
             sigmas = task.sample_sigmas(per_step, generator)
@@ -226,17 +249,49 @@ def _train(task, latents, config, existing, on_step) -> TrainResult:
                     f"The loss became {value} at step {step} of {config.steps}; training "
                     f"stopped and nothing was applied. Lower the learning rate (now "
                     f"{config.learning_rate:g}) or use training_dtype fp32.")
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             losses.append(value)
             progress.set_postfix(loss=f"{value:.4f}", refresh=False)
             progress.update(1)
             if on_step is not None:
-                on_step(step, config.steps, value)
+                on_step(StepReport(step, config.steps, value, learning_rate, adapters))
+        set_training(optimizer, False)  # schedule-free: the evaluation weights are the result
 
+    if ema is not None:
+        ema.copy_to_params()
     for p in params:
         p.requires_grad_(False)
-    return TrainResult(lora_state_dict(adapters, task.key_prefix), losses, adapters, batch_size)
+    lora = {**lora_state_dict(adapters, task.key_prefix),
+            **lora_state_dict(deltas, task.key_prefix)}
+    return TrainResult(lora, losses, adapters, batch_size)
+
+
+def _keyed(deltas: Mapping[str, NormDelta]) -> dict[str, NormDelta]:
+    """Deltas keyed apart from the adapters of the same layers."""
+    return {f"{name}#delta": delta for name, delta in deltas.items()}
+
+
+def parameter_groups(adapters: Mapping[str, Adapter], config) -> list[dict]:
+    """The optimizer's parameter groups: one; with LoRA+ (``lora_plus_ratio`` > 1) the
+    adapters' up/B factors in a second group at ``lora_plus_ratio`` x the learning rate
+    (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models")."""
+    lr, ratio = config.learning_rate, config.lora_plus_ratio
+    params = [p for adapter in adapters.values() for p in adapter.parameters()]
+    if ratio == 1.0:
+        return [{"params": params, "lr": lr}]
+    up = {id(getattr(a, name)) for a in adapters.values() for name in a.UP_PARAMETERS}
+    if not up:
+        names = sorted({type(a).NAME for a in adapters.values()})
+        raise ValueError(
+            f"lora_plus_ratio={ratio:g} needs adapters with up (B) factors; {', '.join(names)} "
+            "has none. Set lora_plus_ratio to 1 or pick LoRA, LoHa, LoKr, GLoRA or DoRA.")
+    return [{"params": [p for p in params if id(p) not in up], "lr": lr},
+            {"params": [p for p in params if id(p) in up], "lr": lr * ratio}]
 
 
 def run_patches(task: DiffusionTask, dataset: torch.Tensor, batch_size: int, config) -> list:

@@ -65,7 +65,7 @@ def denoised(patcher, seed=5):
 
 def test_every_input_and_output_has_a_tooltip(node):
     for node_id in ("LoRALab_SaveLoRA", "LoRALab_PlotLoss", "LoRALab_ApplyLoRA",
-                    "LoRALab_LoadDataset", "LoRALab_TrainLoRA"):
+                    "LoRALab_LoadDataset", "LoRALab_TrainLoRA", "LoRALab_TrainingOptions"):
         info = node(node_id).GET_SCHEMA().get_v1_info(node(node_id))
         for group in ("required", "optional"):
             for name, (_, options) in info.input.get(group, {}).items():

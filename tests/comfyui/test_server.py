@@ -83,7 +83,11 @@ def _check_object_info(server):
     node = info["LoRALab_TrainLoRA"]
     assert node["input_order"]["required"] == EXPECTED_INPUTS
     assert list(node["input"]["required"]) == EXPECTED_INPUTS
-    assert not node["input_order"].get("optional")
+    assert node["input_order"].get("optional") == ["options"]  # Training Options, after the 16
+    assert node["input"]["optional"]["options"][0] == "LORALAB_OPTIONS"
+    options_node = server.get_json("/object_info/LoRALab_TrainingOptions")["LoRALab_TrainingOptions"]
+    assert options_node["output"] == ["LORALAB_OPTIONS"]
+    assert options_node["input"]["optional"]["options"][0] == "LORALAB_OPTIONS"
     assert list(node["output"]) == EXPECTED_OUTPUTS
     assert list(node["output_name"]) == EXPECTED_OUTPUT_NAMES
     required = node["input"]["required"]
