@@ -170,6 +170,8 @@ def test_a_pattern_that_selects_nothing_names_real_layers(field, pattern, match)
     (dict(ema_decay=1.0), "ema_decay=1.0 is out of range"),
     (dict(max_grad_norm=-1.0), "max_grad_norm=-1.0 is out of range"),
     (dict(rslora="yes"), "rslora='yes' must be true or false"),
+    (dict(optimizer="Prodigy", lora_plus_ratio=4.0), "cannot be used with Prodigy"),
+    (dict(optimizer="AdamWScheduleFree", ema_decay=0.9), "schedule-free already returns"),
 ])
 def test_bad_option_values_are_value_errors(values, match):
     with pytest.raises(ValueError, match=match):

@@ -107,7 +107,8 @@ DECLARED: tuple[Option, ...] = (
     _opt("steps", "INT", 16, "Optimizer steps to train for (not counting micro-batches).",
          TRAIN_NODE, low=1, high=100000),
     _opt("learning_rate", "FLOAT", 0.0005, "Learning rate of the optimizer (the peak of the "
-         "schedule; Prodigy: a multiplier, usually 1.0).", TRAIN_NODE, low=0.0000001,
+         "schedule). Prodigy: a multiplier of its own estimate, usually 1.0; Adafactor: a cap "
+         "on its relative step, about 0.1-1.0 for LoRA.", TRAIN_NODE, low=0.0000001,
          high=1.0, step=0.0000001, kohya="ss_learning_rate"),
     _opt("rank", "INT", 8, "Size of the adapters. LoRA, DoRA, LoHa, GLoRA: the inner "
          "dimension r; LoKr: the Kronecker factor; OFT, BOFT: the block size. A layer too small "
@@ -147,18 +148,20 @@ DECLARED: tuple[Option, ...] = (
          "parameters to this before each optimizer step; 0 = no clipping.", low=0.0,
          high=1000.0, step=0.01, kohya="ss_max_grad_norm"),
     _opt("weight_decay", "FLOAT", 0.01, "Weight decay of the optimizer, as each defines it "
-         "(decoupled for AdamW, Lion, Prodigy and schedule-free; L2 for Adam, SGD, RMSprop).",
+         "(decoupled for AdamW, Lion, Prodigy, schedule-free and Adafactor; L2 for Adam, SGD, "
+         "RMSprop).",
          low=0.0, high=10.0, step=0.001),
     _opt("ema_decay", "FLOAT", 0.0, "Keep an exponential moving average of the adapter weights "
          "(updated after every optimizer step) and return and save it instead of the last "
-         "weights; 0 = off. 0.99-0.999 are usual.", low=0.0, high=0.99999, step=0.0001),
+         "weights; 0 = off. 0.99-0.999 are usual. Not with AdamWScheduleFree, which "
+         "averages already.", low=0.0, high=0.99999, step=0.0001),
     _opt("alpha", "FLOAT", 0.0, "The adapters' alpha (LoRA's delta is scaled by alpha / "
          "rank); 0 = the default, 1.", low=0.0, high=1024.0, step=0.5, kohya="ss_network_alpha"),
     _opt("rslora", "BOOLEAN", False, "Rank-stabilised scaling alpha / sqrt(rank) instead of "
          "alpha / rank (LoRA, LoHa, GLoRA, DoRA). The saved alpha is alpha x sqrt(rank), so "
          "ComfyUI's loader applies the same scale."),
     _opt("lora_plus_ratio", "FLOAT", 1.0, "LoRA+: the up matrices (B) learn at this multiple "
-         "of the learning rate; 1 = off. 16 is the paper's suggestion.", low=1.0, high=64.0,
+         "of the learning rate; 1 = off. 16 is the paper's suggestion. Not with Prodigy.", low=1.0, high=64.0,
          step=0.5),
     _opt("target_layers", "COMBO", "linear", "Which layers get adapters: linear = every Linear "
          "and 1x1 conv; all = also every larger conv (LoCon); attention = the attention "
