@@ -10,13 +10,12 @@ in-place adds and without the fused kernel."""
 import contextlib
 import functools
 import importlib
-import logging
 
 import pytest
 import torch
 
 import tiny_families
-from test_train_node import model_output, run_train
+from test_train_node import core_reload, model_output, run_train
 
 BUILDERS = {**tiny_families.FAMILIES, **tiny_families.LARGE_FAMILIES}
 # Where detection fixes Flux's full size (0.3.64: 543M), the same tiny Flux is built from
@@ -59,26 +58,11 @@ def flux_name():
     return "flux" if BUILDERS["flux"].available() is None else FLUX_BY_CONFIG
 
 
-@contextlib.contextmanager
-def log_lines():
-    lines = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logging.getLogger().addHandler(handler)
-    try:
-        yield lines
-    finally:
-        logging.getLogger().removeHandler(handler)
-
-
 @pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["ckpt_off", "ckpt_on"])
 @pytest.mark.parametrize("training_dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_trains_saves_and_reloads(name, training_dtype, gradient_checkpointing,
                                          train_node, comfy, tmp_path):
-    import comfy.sd
-    import comfy.utils
-
     require(name)
     model, latents, positive, probe, reference = case(name)
     trained, lora, loss, _ = run_train(
@@ -88,11 +72,7 @@ def test_family_trains_saves_and_reloads(name, training_dtype, gradient_checkpoi
     assert len(loss["loss"]) == 2 and all(torch.isfinite(torch.tensor(loss["loss"])))
     assert torch.equal(model_output(model, probe, positive), reference), "input MODEL changed"
 
-    path = tmp_path / f"{name}.safetensors"
-    comfy.utils.save_torch_file(lora, str(path))
-    with log_lines() as lines:
-        loaded = comfy.sd.load_lora_for_models(
-            model, None, comfy.utils.load_torch_file(str(path), safe_load=True), 1.0, 0)[0]
+    loaded, lines = core_reload(model, lora, tmp_path / f"{name}.safetensors")
     assert not [line for line in lines if "not loaded" in line.lower()], lines
     with_lora = model_output(trained, probe, positive)
     assert not torch.equal(with_lora, reference), "model_with_lora is the base model"

@@ -2,13 +2,10 @@
 at their defaults, layer presets on the tiny SD1.x and SD3 models, and a run using the
 options whose LoRA ComfyUI's core loader reproduces."""
 
-import logging
-
 import pytest
 import torch
 
-import tiny_models
-from test_train_node import FAMILIES, family_case, model_output, run_train
+from test_train_node import FAMILIES, core_reload, family_case, model_output, run_train
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +87,6 @@ def test_presets_select_the_expected_layers(family, pack, comfy):
 def test_a_run_with_options_reloads_in_core(family, train_node, options_node, comfy, tmp_path):
     """Warm-up, cosine, clipping, EMA, LoRA+, rsLoRA, every conv (LoCon) and norm/bias
     deltas: ComfyUI's core loader on the saved file reproduces model_with_lora."""
-    import comfy.sd
-    import comfy.utils
-
     model, latents, positive, probe = family_case(family)
     before = model_output(model, probe, positive)
     options = make_options(options_node, lr_schedule="cosine", warmup_steps=1, max_grad_norm=1.0,
@@ -104,17 +98,7 @@ def test_a_run_with_options_reloads_in_core(family, train_node, options_node, co
     assert any(k.endswith(".diff_b") for k in lora)  # biases
     if family == "sd15":  # GroupNorm/LayerNorm scales (SD3's norms have none)
         assert any(k.endswith(".diff") for k in lora)
-    path = tmp_path / "options.safetensors"
-    comfy.utils.save_torch_file(lora, str(path))
-    lines = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logging.getLogger().addHandler(handler)
-    try:
-        loaded = comfy.sd.load_lora_for_models(
-            model, None, comfy.utils.load_torch_file(str(path), safe_load=True), 1.0, 0)[0]
-    finally:
-        logging.getLogger().removeHandler(handler)
+    loaded, lines = core_reload(model, lora, tmp_path / "options.safetensors")
     assert not [line for line in lines if "not loaded" in line.lower()], lines
     with_lora = model_output(trained, probe, positive)
     assert not torch.equal(with_lora, before)

@@ -34,6 +34,25 @@ def run_train(node, model, latents, positive, **overrides):
         return node.execute(model, {"samples": latents}, positive, **values).result
 
 
+def core_reload(model, lora, path):
+    """``lora`` saved to ``path`` and loaded onto ``model`` by ComfyUI's core LoRA loader, as
+    Save LoRA Weights -> LoraLoaderModelOnly do: (the loaded model, the log lines it wrote)."""
+    import comfy.sd
+    import comfy.utils
+
+    comfy.utils.save_torch_file(lora, str(path))
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        loaded = comfy.sd.load_lora_for_models(
+            model, None, comfy.utils.load_torch_file(str(path), safe_load=True), 1.0, 0)[0]
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return loaded, lines
+
+
 def model_output(patcher, latents, positive, sigma=2.0):
     """The denoised output of a ModelPatcher as a sampler would compute it."""
     import comfy.model_management
@@ -69,20 +88,9 @@ def test_train_plugs_into_core_and_leaves_input_untouched(family, train_node, co
     assert torch.equal(model_output(model, probe, positive), before), "model_with_lora leaked"
 
     # core: Save LoRA Weights -> file -> LoraLoaderModelOnly reproduces model_with_lora
-    import comfy.utils
     import nodes
 
-    path = tmp_path / "trained.safetensors"
-    comfy.utils.save_torch_file(lora, str(path))
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logging.getLogger().addHandler(handler)
-    try:
-        loaded = comfy.sd.load_lora_for_models(
-            model, None, comfy.utils.load_torch_file(str(path), safe_load=True), 1.0, 0)[0]
-    finally:
-        logging.getLogger().removeHandler(handler)
+    loaded, records = core_reload(model, lora, tmp_path / "trained.safetensors")
     assert not [r for r in records if "not loaded" in r.lower()], records
     reloaded = model_output(loaded, probe, positive)
     scale = with_lora.abs().max()
