@@ -277,7 +277,7 @@ def run_cell(args) -> dict:
 
     stamps: list[float] = []
 
-    def on_step(step, total, loss):
+    def on_step(report):
         sync()
         stamps.append(time.perf_counter())
 
