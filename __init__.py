@@ -5,7 +5,7 @@ it does nothing, so ``lora``, ``training``, ``losses`` and ``optimizers`` import
 PyTorch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 try:
     import comfy.utils  # noqa: F401  (only present inside ComfyUI)

@@ -1,13 +1,16 @@
 """The command-line demo: train a LoRA on a small built-in model with synthetic data.
 
-``python -m lora_lab demo [--out DIR] [--steps N]`` writes ``DIR/*.safetensors`` (the same
-keys the Train LoRA node outputs) and ``DIR/loss.png``, and prints the loss before and after.
+``python -m lora_lab demo [--out DIR] [--steps N] [--seed S]`` writes ``DIR/*.safetensors``
+(the same keys the Train LoRA node outputs) and ``DIR/loss.png``, and prints the loss before
+and after on fixed evaluation draws. Bad arguments are argparse errors (exit 2), checked
+before anything trains.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 
 import torch
@@ -49,19 +52,61 @@ def build_task(seed: int = 0) -> tuple[TorchTask, torch.Tensor]:
     return TorchTask(network, "eps", discrete_vp_sigmas(), context), latents
 
 
+def _steps(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or not 1 <= value <= 100000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step count; use 1..100000")
+    return value
+
+
+def _output_folder(path: str) -> str:
+    """A folder the demo can write into: created (if missing) before anything trains."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path!r} is a file; give a folder (it is created)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(
+            f"cannot write into {path!r} ({error.strerror}); pick another folder") from None
+    return path
+
+
+def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    top = argparse.ArgumentParser(
+        prog="python -m lora_lab",
+        description="LoRA Lab from the command line (the nodes run inside ComfyUI).")
+    sub = top.add_subparsers(dest="command", required=True, metavar="command")
+    demo = sub.add_parser(
+        "demo", help="train a LoRA on a small built-in model with synthetic data",
+        description="Train a LoRA on a small built-in UNet with synthetic data (no ComfyUI, "
+                    "no download): prints the loss before and after on fixed evaluation "
+                    "draws, and writes the LoRA and a plot of the training loss.")
+    demo.add_argument("--out", default="lora_lab_demo", type=_output_folder,
+                      help="output folder, created if missing (default: %(default)s)")
+    demo.add_argument("--steps", type=_steps, default=200,
+                      help="optimizer steps, 1..100000 (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the model, the data and the training (default: %(default)s)")
+    table = sub.add_parser(
+        "options-table", help="print the README's Training Options table",
+        description="Print the Training Options table of README.md (markdown).")
+    return top, {"demo": demo, "options-table": table}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_lab", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a LoRA on a small built-in model")
-    demo.add_argument("--out", default="lora_lab_demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0)
-    sub.add_parser("options-table", help="print the README's Training Options table")
-    args = parser.parse_args(argv)
+    top, commands = parser()
+    args, extra = top.parse_known_args(argv)
+    if extra:  # reported by the command's own parser, with its usage
+        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "options-table":
         print(markdown_table(OPTIONS_NODE))
         return 0
+    return run_demo(args)
 
+
+def run_demo(args: argparse.Namespace) -> int:
     task, latents = build_task(args.seed)
     config = TrainConfig(
         steps=args.steps, batch_size=4, learning_rate=2e-3, rank=8, alpha=8.0,
@@ -85,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(plot_path, "wb") as f:
         f.write(png_bytes(render_loss_plot({"loss": result.losses})))
     print(f"trained {args.steps} steps in {elapsed:.1f} s")
-    print(f"loss before: {before:.4f}")
-    print(f"loss after:  {after:.4f} ({(1 - after / before) * 100:.1f}% lower)")
+    print("loss on 64 fixed evaluation draws (the same noise and timesteps before and after):")
+    print(f"  before: {before:.4f}")
+    print(f"  after:  {after:.4f} ({(1 - after / before) * 100:.1f}% lower)")
+    print(f"the plot shows the training loss of each step (random draws, noisier); its last "
+          f"value: {result.losses[-1]:.4f}")
     print(f"wrote {path} ({len(result.lora)} tensors) and {plot_path}")
     return 0
