@@ -93,6 +93,9 @@ APPLY_LORA = NodeSpec(
     outputs=[("model_with_lora", "MODEL", "model", "The model with the LoRA applied.")],
 )
 
+# The folder combo's only option when no folder under ComfyUI's input directory holds images.
+NO_IMAGE_FOLDER = "[no image folder in ComfyUI/input]"
+
 LOAD_DATASET = NodeSpec(
     node_id="LoRALab_LoadDataset",
     display_name="Load Image Dataset",
@@ -103,8 +106,11 @@ LOAD_DATASET = NodeSpec(
     inputs=[
         ("folder", "COMBO", {
             "options": [],
-            "tooltip": "A folder under ComfyUI's input directory. Images are taken in sorted "
-                       "order, with <image>.txt as caption; <N>_<name> subfolders count N times."}),
+            "tooltip": "A folder of training images in ComfyUI's input directory: put them in "
+                       "ComfyUI/input/<your_folder> (png, jpg, webp, ...), each caption as a .txt "
+                       "file with the image's name beside it (a.png + a.txt); images in "
+                       "<N>_<name> subfolders count N times. Only folders that hold images are "
+                       "listed; refresh (R) after adding one."}),
         ("vae", "VAE", {"tooltip": "The VAE of the model you train (it encodes the images)."}),
         ("clip", "CLIP", {"tooltip": "The text encoder of the model you train (it encodes the "
                           "captions)."}),

@@ -12,8 +12,8 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..training.dataset import load_images, scan_folder
-from .companion_spec import LOAD_DATASET
+from ..training.dataset import image_folders, load_images, scan_folder
+from .companion_spec import LOAD_DATASET, NO_IMAGE_FOLDER
 from .schema import build_schema
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 def dataset_folder(folder: str) -> str:
     """The absolute path of ``folder``, which must lie inside ComfyUI's input directory."""
     root = os.path.abspath(folder_paths.get_input_directory())
+    if folder == NO_IMAGE_FOLDER:
+        raise ValueError(f"No folder in ComfyUI's input directory {root} holds images: put your "
+                         "training images in a subfolder of it (e.g. input/my_dataset/a.png, "
+                         "with a.txt as caption), then refresh the page (R) and pick that folder.")
     path = os.path.normpath(os.path.join(root, folder))
     if not folder or os.path.isabs(folder) or os.path.commonpath([root, path]) != root:
         raise ValueError(f"folder {folder!r} is not a folder inside ComfyUI's input directory "
@@ -32,7 +36,8 @@ def dataset_folder(folder: str) -> str:
 class LoadDataset(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return build_schema(LOAD_DATASET, folder={"options": folder_paths.get_input_subfolders()})
+        folders = image_folders(folder_paths.get_input_directory()) or [NO_IMAGE_FOLDER]
+        return build_schema(LOAD_DATASET, folder={"options": folders})
 
     @classmethod
     def execute(cls, folder, vae, clip, width, height, resize_mode, default_caption="") -> io.NodeOutput:

@@ -1,5 +1,7 @@
 """Registration of LoRA Lab's nodes with ComfyUI (V3 schema)."""
 
+import logging
+
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import ApplyLoRA
@@ -7,7 +9,10 @@ from .dataset import LoadDataset
 from .options import TrainingOptions
 from .plot import PlotLoss
 from .save import SaveLoRA
+from .templates import install_template_order
 from .train import TrainLoRA
+
+log = logging.getLogger(__name__)
 
 NODES: list[type[io.ComfyNode]] = [
     LoadDataset, TrainLoRA, TrainingOptions, SaveLoRA, PlotLoss, ApplyLoRA]
@@ -19,4 +24,6 @@ class LoRALabExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> LoRALabExtension:
+    if not install_template_order():
+        log.debug("LoRA Lab: example workflows keep ComfyUI's template order.")
     return LoRALabExtension()

@@ -118,3 +118,28 @@ def test_empty_or_missing_folder_is_value_error(tmp_path):
         scan_folder(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="resize_mode"):
         resize(Image.new("RGB", (4, 4)), 4, 8, "zoom")
+
+
+def test_image_folders_lists_only_folders_with_images(tmp_path):
+    from lora_lab.training.dataset import image_folders
+
+    root = tmp_path / "input"
+    for sub in ("3d", "empty/deeper", "set/10_style", "set/extra", "people/alice/2_smile",
+                "textonly", ".cache", "b_set", "B_upper"):
+        (root / sub).mkdir(parents=True)
+    Image.new("RGB", (8, 8), RED).save(root / "top_level.png")  # an upload, not a folder
+    Image.new("RGB", (8, 8), RED).save(root / "set" / "a.png")
+    Image.new("RGB", (8, 8), BLUE).save(root / "set" / "10_style" / "b.webp")
+    Image.new("RGB", (8, 8), GREEN).save(root / "people" / "alice" / "2_smile" / "c.JPG")
+    Image.new("RGB", (8, 8), GREEN).save(root / ".cache" / "d.png")
+    Image.new("RGB", (8, 8), GREEN).save(root / "b_set" / "e.jpeg")
+    Image.new("RGB", (8, 8), GREEN).save(root / "B_upper" / ".hidden.png")
+    (root / "textonly" / "notes.txt").write_text("no image", encoding="utf-8")
+    (root / "3d" / "model.glb").write_bytes(b"glTF")
+
+    assert image_folders(str(root)) == sorted([
+        "b_set", "people", "people/alice", "people/alice/2_smile",
+        "set", "set/10_style"])  # set/extra is empty; 3d, textonly and .cache hold no image
+    assert image_folders(str(tmp_path / "missing")) == []
+    (root / "3d" / "model.glb").unlink()
+    assert image_folders(str(root / "3d")) == []

@@ -41,6 +41,31 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def image_folders(root: str) -> list[str]:
+    """The folders under ``root`` that hold images, themselves or in any subfolder, as sorted
+    "/"-separated paths relative to ``root`` (``root`` itself is not listed).
+
+    Hidden folders (".name") and what lies below them are skipped; symlinked folders are
+    followed once. A missing ``root`` gives an empty list."""
+    if not os.path.isdir(root):
+        return []
+    with_images: set[str] = set()
+    seen: set[str] = set()
+    for path, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(path)
+        if real in seen:  # a symlink loop, or a folder linked twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = os.path.relpath(path, root)
+        if rel != "." and any(_is_image(f) for f in files):
+            parts = rel.split(os.sep)
+            for depth in range(1, len(parts) + 1):
+                with_images.add("/".join(parts[:depth]))
+    return sorted(with_images)
+
+
 def read_caption(image_path: str, default: str = "") -> str:
     """The text of ``<stem>.txt`` beside the image, stripped; ``default`` if absent or empty."""
     caption_path = os.path.splitext(image_path)[0] + ".txt"

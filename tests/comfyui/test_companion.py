@@ -244,3 +244,31 @@ def test_load_dataset_errors_name_the_problem(node, dataset_dir, comfy):
         f.write(b"\xff\xd8 not a jpeg")
     with pytest.raises(ValueError, match="zz_broken.jpg"):
         node("LoRALab_LoadDataset").execute(dataset_dir, FakeVAE(), FakeCLIP(), 64, 64, "crop", "")
+
+
+def test_load_dataset_lists_only_image_folders(node, dataset_dir, pack, tmp_path, monkeypatch):
+    import folder_paths
+
+    NO_IMAGE_FOLDER = pack.nodes.companion_spec.NO_IMAGE_FOLDER
+
+    empty = os.path.join(folder_paths.get_input_directory(), "lora_lab_no_images")
+    os.makedirs(os.path.join(empty, "deeper"), exist_ok=True)
+    try:
+        options = next(i for i in node("LoRALab_LoadDataset").GET_SCHEMA().inputs
+                       if i.id == "folder").options
+        assert dataset_dir in options and f"{dataset_dir}/2_red" in options
+        assert "lora_lab_no_images" not in options and NO_IMAGE_FOLDER not in options
+        assert options == sorted(options)
+    finally:
+        import shutil
+        shutil.rmtree(empty)
+
+    # A fresh install: nothing but ComfyUI's own (imageless) 3d folder.
+    fresh = tmp_path / "input"
+    (fresh / "3d").mkdir(parents=True)
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(fresh))
+    options = next(i for i in node("LoRALab_LoadDataset").GET_SCHEMA().inputs
+                   if i.id == "folder").options
+    assert options == [NO_IMAGE_FOLDER]
+    with pytest.raises(ValueError, match="subfolder of it.*refresh"):
+        node("LoRALab_LoadDataset").execute(NO_IMAGE_FOLDER, FakeVAE(), FakeCLIP(), 64, 64, "crop", "")
