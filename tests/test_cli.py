@@ -51,3 +51,20 @@ def test_help_is_plain_text():
         done = run(*args)
         assert done.returncode == 0 and "``" not in done.stdout and "--seed" in run(
             "demo", "--help").stdout
+
+
+def test_readme_quick_start_commands(tmp_path):
+    """The Quick start block (what CI runs): two commands; the demo part of the first exits 0
+    (shortened to 2 steps here), the second is the test run itself."""
+    import pathlib
+    import re
+    import shlex
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Quick start\s+```\n(.*?)```", readme, re.S).group(1)
+    commands = [line for line in block.splitlines() if line.strip()]
+    assert len(commands) == 2 and commands[1] == "python -m pytest"
+    demo = shlex.split(commands[0].split("&&")[-1])
+    assert demo[:4] == ["python", "-m", "lora_lab", "demo"]
+    done = run(*demo[3:], "--steps", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
