@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from . import ADAPTERS
-from .base import Adapter, LayerGeometry, layer_geometry
+from .base import Adapter
 from .diff import NormDelta, is_norm_delta_key, norm_deltas_from_state_dict
+from .inject import find_targets
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +93,6 @@ def detect_algorithm(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> t
         f"The LoRA mixes algorithms: {mix}; only a file of one algorithm can be continued.")
 
 
-def adaptable_layers(network: nn.Module) -> dict[str, tuple[nn.Module, LayerGeometry]]:
-    """Every layer a saved adapter may name: each Linear and ungrouped ConvNd of any kernel
-    size (a file decides which of them it adapts, whatever layers a new run would pick)."""
-    layers = {}
-    for name, module in network.named_modules():
-        geometry = layer_geometry(module)
-        if geometry is not None:
-            layers[name] = (module, geometry)
-    return layers
-
-
 def _adapters(network, tensors, prefix, dtype) -> tuple[type[Adapter], dict[str, Adapter], set]:
     """The file's adapters (one algorithm), checked against ``network``, and the keys used."""
     if not modules_by_algorithm(tensors):
@@ -112,7 +102,9 @@ def _adapters(network, tensors, prefix, dtype) -> tuple[type[Adapter], dict[str,
         raise ValueError(
             f"The LoRA has no keys under {prefix!r}; it was made for another model or format.")
     cls = detect_algorithm(tensors, prefix)
-    targets = adaptable_layers(network)
+    # any Linear or conv of any kernel: the file decides what it adapts, whatever a new run
+    # would target
+    targets = find_targets(network, "all")
     suffix = "." + cls.KEYS[0]
     adapters, used = {}, set()
     for name in found[cls]:

@@ -107,13 +107,13 @@ def test_lora_plus_puts_up_factors_in_a_faster_group():
     adapters = create_adapters(task.network, "LoRA", 4, 1.0, torch.float32,
                                torch.Generator().manual_seed(0))
     config = TrainConfig(learning_rate=1e-3, lora_plus_ratio=16.0)
-    slow, fast = parameter_groups(adapters, config)
+    slow, fast = parameter_groups(adapters.values(), config)
     assert slow["lr"] == 1e-3 and fast["lr"] == pytest.approx(16e-3)
     assert {id(p) for p in fast["params"]} == {id(a.up) for a in adapters.values()}
     assert {id(p) for p in slow["params"]} == {id(a.down) for a in adapters.values()}
     oft = create_adapters(task.network, "OFT", 4, 1.0, torch.float32, torch.Generator())
     with pytest.raises(ValueError, match="lora_plus_ratio=16 needs adapters with up"):
-        parameter_groups(oft, config)
+        parameter_groups(oft.values(), config)
 
 
 # -- alpha, rsLoRA -------------------------------------------------------------------------------

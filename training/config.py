@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import field, make_dataclass
 
+from ..optimizers import OPTIMIZERS
 from .options import BY_NAME, DECLARED, DTYPES
 
 __all__ = ["DTYPES", "TrainConfig"]
@@ -20,14 +21,15 @@ def _validate(self) -> None:
         raise ValueError(
             f"warmup_steps={self.warmup_steps} is not shorter than the run (steps="
             f"{self.steps}); use fewer warm-up steps or more steps.")
-    if self.lora_plus_ratio != 1.0 and self.optimizer == "Prodigy":
+    optimizer = OPTIMIZERS[self.optimizer]
+    if self.lora_plus_ratio != 1.0 and optimizer.one_lr:
         raise ValueError(
-            f"lora_plus_ratio={self.lora_plus_ratio:g} cannot be used with Prodigy, which needs "
-            "one learning rate for all parameters; set lora_plus_ratio to 1 or pick another "
-            "optimizer.")
-    if self.ema_decay > 0 and self.optimizer == "AdamWScheduleFree":
+            f"lora_plus_ratio={self.lora_plus_ratio:g} cannot be used with {self.optimizer}, "
+            "which needs one learning rate for all parameters; set lora_plus_ratio to 1 or "
+            "pick another optimizer.")
+    if self.ema_decay > 0 and optimizer.train_mode:
         raise ValueError(
-            f"ema_decay={self.ema_decay:g} with AdamWScheduleFree: schedule-free already returns "
+            f"ema_decay={self.ema_decay:g} with {self.optimizer}: schedule-free already returns "
             "an average of its iterates; set ema_decay to 0 or pick another optimizer.")
     for name in ("include", "exclude"):
         try:

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -196,16 +196,16 @@ def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainRe
         deltas = create_norm_deltas(task.network, lora_dtype) if config.train_norm_bias else {}
     else:
         adapters, deltas = dict(existing), dict(existing_deltas or {})
-        for adapter in [*adapters.values(), *deltas.values()]:
-            adapter.compute_dtype = lora_dtype
-    for adapter in [*adapters.values(), *deltas.values()]:
-        adapter.to(task.device)
-    params = [p for a in [*adapters.values(), *deltas.values()] for p in a.parameters()]
+    trained = [*adapters.values(), *deltas.values()]
+    for module in trained:
+        module.compute_dtype = lora_dtype
+        module.to(task.device)
+    params = [p for module in trained for p in module.parameters()]
     for p in params:
         p.requires_grad_(True)
     optimizer = make_optimizer(
-        config.optimizer, parameter_groups({**adapters, **_keyed(deltas)}, config),
-        config.learning_rate, weight_decay=config.weight_decay)
+        config.optimizer, parameter_groups(trained, config), config.learning_rate,
+        weight_decay=config.weight_decay)
     ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
 
     count = latents.shape[0]
@@ -230,9 +230,9 @@ def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainRe
         set_training(optimizer, True)
         base_rates = [group["lr"] for group in optimizer.param_groups]
         for step in range(1, config.steps + 1):
-            learning_rate = config.learning_rate * schedule.factor(step, config)
+            factor = schedule.factor(step, config)
             for group, rate in zip(optimizer.param_groups, base_rates):
-                group["lr"] = rate * learning_rate / config.learning_rate
+                group["lr"] = rate * factor
             samples = sampler.take(per_step)
             noise = torch.randn(dataset[samples].shape, generator=generator)
             sigmas = task.sample_sigmas(per_step, generator)
@@ -259,7 +259,8 @@ def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainRe
             progress.set_postfix(loss=f"{value:.4f}", refresh=False)
             progress.update(1)
             if on_step is not None:
-                on_step(StepReport(step, config.steps, value, learning_rate, adapters))
+                on_step(StepReport(
+                    step, config.steps, value, config.learning_rate * factor, adapters))
         set_training(optimizer, False)  # schedule-free: the evaluation weights are the result
 
     if ema is not None:
@@ -271,22 +272,19 @@ def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainRe
     return TrainResult(lora, losses, adapters, batch_size)
 
 
-def _keyed(deltas: Mapping[str, NormDelta]) -> dict[str, NormDelta]:
-    """Deltas keyed apart from the adapters of the same layers."""
-    return {f"{name}#delta": delta for name, delta in deltas.items()}
-
-
-def parameter_groups(adapters: Mapping[str, Adapter], config) -> list[dict]:
-    """The optimizer's parameter groups: one; with LoRA+ (``lora_plus_ratio`` > 1) the
-    adapters' up/B factors in a second group at ``lora_plus_ratio`` x the learning rate
-    (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models")."""
+def parameter_groups(modules: Iterable[nn.Module], config) -> list[dict]:
+    """The optimizer's parameter groups over the trained ``modules`` (adapters and deltas):
+    one; with LoRA+ (``lora_plus_ratio`` > 1) the adapters' up/B factors in a second group
+    at ``lora_plus_ratio`` x the learning rate (Hayou et al. 2024, "LoRA+: Efficient Low Rank
+    Adaptation of Large Models")."""
+    modules = list(modules)
     lr, ratio = config.learning_rate, config.lora_plus_ratio
-    params = [p for adapter in adapters.values() for p in adapter.parameters()]
+    params = [p for module in modules for p in module.parameters()]
     if ratio == 1.0:
         return [{"params": params, "lr": lr}]
-    up = {id(getattr(a, name)) for a in adapters.values() for name in a.UP_PARAMETERS}
+    up = {id(getattr(m, name)) for m in modules for name in m.UP_PARAMETERS}
     if not up:
-        names = sorted({type(a).NAME for a in adapters.values()})
+        names = sorted({type(m).NAME for m in modules})
         raise ValueError(
             f"lora_plus_ratio={ratio:g} needs adapters with up (B) factors; {', '.join(names)} "
             "has none. Set lora_plus_ratio to 1 or pick LoRA, LoHa, LoKr, GLoRA or DoRA.")
