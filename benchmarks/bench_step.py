@@ -150,6 +150,7 @@ def build_torch(device: str):
 
     from lora_lab.demo.models import TinyUNet
     from lora_lab.lora.inject import ForwardPatches, adapter_patches
+    from lora_lab.losses.objective import Objective
     from lora_lab.training.config import TrainConfig
     from lora_lab.training.loop import train
     from lora_lab.training.task import TorchTask, discrete_vp_sigmas
@@ -163,7 +164,7 @@ def build_torch(device: str):
     task = TorchTask(network, "eps", discrete_vp_sigmas(), context, device=device)
     params = sum(p.numel() for p in network.parameters())
     api = dict(train=train, TrainConfig=TrainConfig, ForwardPatches=ForwardPatches,
-               adapter_patches=adapter_patches)
+               adapter_patches=adapter_patches, Objective=Objective)
     api["sampler_session"] = contextlib.nullcontext
     api["sampler_predict"] = task.predict
     return "TinyUNet 128x(1,2,4)", params, task, latents, api, lambda f: f()
@@ -221,8 +222,10 @@ def build_comfy(device: str, model: str, training_dtype: str):
         except TypeError:  # a ComfyTask without the training_dtype argument
             task = bridge.ComfyTask(patcher.clone(), positive, latents)
     params = sum(p.numel() for p in task.network.parameters())
+    objective = importlib.import_module(f"{PACKAGE}.losses.objective")
     api = dict(train=loop.train, TrainConfig=config.TrainConfig,
-               ForwardPatches=inject.ForwardPatches, adapter_patches=inject.adapter_patches)
+               ForwardPatches=inject.ForwardPatches, adapter_patches=inject.adapter_patches,
+               Objective=objective.Objective)
     name = {"sd15": "ComfyUI SD1.x UNet (tiny medium)", "sd3": "ComfyUI SD3 MMDiT (tiny medium)"}
 
     @contextlib.contextmanager
@@ -295,7 +298,7 @@ def run_cell(args) -> dict:
         samples = torch.tensor([0])
         x0 = dataset[samples].to(task.device)
         noise = torch.randn(x0.shape, generator=g).to(task.device)
-        sigma = task.sample_sigmas(1, g).to(task.device)
+        sigma = api["Objective"](task, api["TrainConfig"]()).sample_sigmas(1, g).to(task.device)
         x_t = task.add_noise(x0, noise, sigma)
         patches = api["ForwardPatches"](api["adapter_patches"](task.network, adapters))
         if sampler:

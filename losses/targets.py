@@ -48,6 +48,16 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> t
     return noise - x0
 
 
+def denoised(kind: str, sigma: torch.Tensor, output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """The denoised estimate of a raw ``output`` (ComfyUI ``calculate_denoised`` of EPS,
+    V_PREDICTION with sigma_data 1, and CONST): ``x_t - sigma out`` for eps and flow,
+    ``x_t / (sigma^2 + 1) - sigma out / sqrt(sigma^2 + 1)`` for v."""
+    s = _expand(sigma, x_t)
+    if kind == "v":
+        return x_t / (s * s + 1) - output * s / torch.sqrt(s * s + 1)
+    return x_t - output * s
+
+
 TARGETS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "eps": eps_target,
     "v": v_target,

@@ -3,9 +3,10 @@
 Everything here reads ComfyUI's own machinery, so every family ComfyUI loads trains the
 same way:
 
-- the clone's ``model_sampling`` gives the noise levels (its ``sigmas`` table, drawn
-  uniformly), the noising (``noise_scaling``) and the prediction type (eps, v, flow; any
-  other parameterisation gets its target by inverting ``calculate_denoised``);
+- the clone's ``model_sampling`` gives the facts the objective (``losses/objective.py``)
+  reads: the noise levels (its ``sigmas`` table, else ``percent_to_sigma``), the noising
+  (``noise_scaling``), the prediction type (eps, v, flow) and the denoiser
+  (``calculate_denoised``, inverted for a target where the type has no formula);
 - conditioning goes through ``convert_cond`` + ``encode_model_conds`` (the samplers' path,
   so ``pooled_output``, ``guidance``, size conditioning... reach the model as in sampling)
   once per distinct conditioning, and each sample of a batch gets its own;
@@ -31,7 +32,6 @@ import comfy.sampler_helpers
 import comfy.samplers
 
 from ..lora.inject import ForwardPatches
-from ..losses import TARGETS, target_by_inversion
 
 INJECTION_KEY = "lora_lab_training"
 
@@ -73,7 +73,9 @@ class ComfyTask:
 
     key_prefix = "diffusion_model."
 
-    def __init__(self, patcher, positive, latents: torch.Tensor, training_dtype: str = "bf16") -> None:
+    def __init__(self, patcher, positive, latents: torch.Tensor, training_dtype: str = "bf16",
+                 empty=None) -> None:
+        """``empty``: the CONDITIONING of an empty prompt, which caption dropout trains with."""
         self.positive_count = len(positive) if isinstance(positive, (list, tuple)) else 0
         self.patcher = patcher
         self.base = patcher.model
@@ -85,6 +87,8 @@ class ComfyTask:
         self.sigma_table = table.detach().float().cpu().clone() if table is not None else None
         self._outputs: list[torch.Tensor] = []
         self.sample_conds = self._encode_conditioning(positive, latents)
+        self.empty_cond = self._encode_empty(empty, latents) if empty is not None else None
+        self.can_drop_captions = self.empty_cond is not None
         self._set_compute_dtype(training_dtype)
 
     def _set_compute_dtype(self, training_dtype: str) -> None:
@@ -116,6 +120,21 @@ class ComfyTask:
             per_sample.append(encoded[key])
         return per_sample
 
+    def _encode_empty(self, empty, latents: torch.Tensor) -> dict:
+        if not isinstance(empty, (list, tuple)) or len(empty) != 1:
+            count = len(empty) if isinstance(empty, (list, tuple)) else type(empty).__name__
+            raise ValueError(
+                f"empty_conditioning must be one conditioning (of an empty prompt); got "
+                f"{count}. Connect a single CLIP Text Encode with an empty text.")
+        [entry] = expand_conditioning(empty, 1)
+        try:
+            return self._encode_one(entry, latents[:1])
+        except Exception as error:
+            raise ValueError(
+                f"empty_conditioning (shape {list(entry[0].shape)}) does not fit "
+                f"{type(self.base).__name__}: {type(error).__name__}: {error}. Encode the "
+                "empty prompt with this model's text encoder.") from error
+
     def _encode_one(self, entry, latent: torch.Tensor) -> dict:
         [cond] = comfy.sampler_helpers.convert_cond([[entry[0].clone(), dict(entry[1])]])
         [cond] = comfy.samplers.encode_model_conds(
@@ -130,23 +149,20 @@ class ComfyTask:
     def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.base.process_latent_in(latents.clone())
 
-    def sample_sigmas(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        if self.sigma_table is not None and len(self.sigma_table) > 1:
-            index = torch.randint(0, len(self.sigma_table), (count,), generator=generator)
-            return self.sigma_table[index]
-        percent = torch.rand(count, generator=generator).clamp(1e-3, 1 - 1e-3)
-        return torch.tensor([float(self.sampling.percent_to_sigma(float(p))) for p in percent])
+    def percent_to_sigma(self, percent: float) -> float:
+        return float(self.sampling.percent_to_sigma(percent))
 
     def add_noise(self, x0, noise, sigma):
         return self.sampling.noise_scaling(sigma, noise, x0)
 
-    def target(self, x0, noise, sigma, x_t):
-        if self.prediction is not None:
-            return TARGETS[self.prediction](x0, noise, sigma)
-        return target_by_inversion(self.sampling.calculate_denoised, sigma, x_t, x0)
+    def denoise(self, sigma, output, x_t):
+        return self.sampling.calculate_denoised(sigma, output, x_t)
 
-    def predict(self, x_t, sigma, samples):
-        kwargs = comfy.samplers.cond_cat([self.sample_conds[int(i)] for i in samples])
+    def predict(self, x_t, sigma, samples, dropped=None):
+        conds = [self.sample_conds[int(i)] for i in samples]
+        if dropped is not None:
+            conds = [self.empty_cond if drop else cond for cond, drop in zip(conds, dropped)]
+        kwargs = comfy.samplers.cond_cat(conds)
         options = dict(self.patcher.model_options.get("transformer_options", {}))
         options["sigmas"] = sigma
         self.base.apply_model(x_t, sigma, transformer_options=options, **kwargs)

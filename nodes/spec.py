@@ -24,7 +24,13 @@ OPTIONS_INPUT = (
         "Training Options (warm-up, schedule, clipping, EMA, LoRA+, target layers...). "
         "Unconnected: every option at its default.")})
 
-# Train LoRA's inputs in the contract's order, then the optional options socket.
+EMPTY_CONDITIONING_INPUT = (
+    "empty_conditioning", "CONDITIONING", {"optional": True, "tooltip": (
+        "The conditioning of an empty prompt (CLIP Text Encode with no text): what a sample "
+        "trains with when caption_dropout (Training Options) drops its own. Needed only "
+        "then.")})
+
+# Train LoRA's inputs in the contract's order, then the optional sockets.
 TRAIN_INPUTS: list[tuple[str, str, dict]] = [
     ("model", "MODEL", {"tooltip": "The diffusion model to train on. It is not modified: the "
                         "LoRA trains on a clone and other branches keep the original."}),
@@ -38,6 +44,7 @@ TRAIN_INPUTS: list[tuple[str, str, dict]] = [
                                 "only; it keeps its own rank and alpha), or [None] for a new LoRA. "
                                 "Its previous steps are added to the steps output."}),
     OPTIONS_INPUT,
+    EMPTY_CONDITIONING_INPUT,
 ]
 # (id, ComfyUI type, display name, tooltip)
 TRAIN_OUTPUTS: list[tuple[str, str, str, str]] = [

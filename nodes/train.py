@@ -58,7 +58,7 @@ class TrainLoRA(io.ComfyNode):
     def execute(
         cls, model, latents, positive, batch_size, grad_accumulation_steps, steps,
         learning_rate, rank, optimizer, loss_function, seed, training_dtype, lora_dtype,
-        algorithm, gradient_checkpointing, existing_lora, options=None,
+        algorithm, gradient_checkpointing, existing_lora, options=None, empty_conditioning=None,
     ) -> io.NodeOutput:
         config = TrainConfig(
             batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps, steps=steps,
@@ -75,7 +75,7 @@ class TrainLoRA(io.ComfyNode):
         on_step = LiveProgress(steps)
         with torch.inference_mode(False):
             patcher = training_clone(model)
-            task = ComfyTask(patcher, positive, samples, training_dtype)
+            task = ComfyTask(patcher, positive, samples, training_dtype, empty_conditioning)
             existing, deltas, previous_steps = None, None, 0
             if existing_lora != NONE_LORA:
                 existing, deltas, previous_steps = load_existing(

@@ -28,7 +28,7 @@ CONTRACT = [
 
 def test_inputs_equal_the_contract():
     """The contract's 16 inputs in order, then only optional inputs (the options socket)."""
-    assert len(TRAIN_INPUTS) == 17
+    assert len(TRAIN_INPUTS) == 18
     for (name, kind, options), (c_name, c_kind, default, low, high, choices) in zip(
             TRAIN_INPUTS, CONTRACT):
         assert (name, kind) == (c_name, c_kind)

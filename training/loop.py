@@ -28,7 +28,7 @@ from ..lora.diff import NormDelta, create_norm_deltas
 from ..lora.inject import (
     ForwardPatches, adapter_patches, create_adapters, find_targets, lora_state_dict,
 )
-from ..losses import per_sample_loss
+from ..losses.objective import Objective, StepDraws
 from ..optimizers import make_optimizer, set_training
 from . import schedule
 from .batching import EpochSampler
@@ -120,22 +120,25 @@ def frozen(network: nn.Module) -> Iterator[None]:
 
 def sample_losses(
     task: DiffusionTask,
+    objective: Objective,
     dataset: torch.Tensor,
     samples: torch.Tensor,
-    noise: torch.Tensor,
-    sigmas: torch.Tensor,
-    config: TrainConfig,
+    draws: StepDraws,
 ) -> torch.Tensor:
-    """The loss of each of ``samples`` noised with ``noise`` at ``sigmas`` (one micro-batch)."""
+    """The weighted loss of each of ``samples`` with their ``draws`` (one micro-batch)."""
     device = task.device
-    x0 = dataset[samples].to(device)
-    eps, sigma = noise.to(device), sigmas.to(device)
-    x_t = task.add_noise(x0, eps, sigma)
-    bf16 = config.training_dtype == "bf16"
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        prediction = task.predict(x_t, sigma, samples)
-    target = task.target(x0, eps, sigma, x_t)
-    return per_sample_loss(config.loss_function, prediction, target)
+    bf16 = objective.config.training_dtype == "bf16"
+
+    def predict(x_t, sigma):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return task.predict(x_t, sigma, samples, draws.dropped)
+
+    return objective.losses(predict, dataset[samples].to(device), draws.noise.to(device),
+                            draws.sigmas.to(device))
+
+
+def objective_of(task: DiffusionTask, config: TrainConfig) -> Objective:
+    return Objective(task, config, can_drop_captions=getattr(task, "can_drop_captions", False))
 
 
 def evaluate(
@@ -152,17 +155,17 @@ def evaluate(
     The draws come from their own generator, so before/after comparisons see the same ones.
     """
     generator = torch.Generator().manual_seed(seed)
+    objective = objective_of(task, config)
     dataset = task.prepare_latents(latents).float().cpu()
     samples = torch.arange(draws) % dataset.shape[0]
-    noise = torch.randn(dataset[samples].shape, generator=generator)
-    sigmas = task.sample_sigmas(draws, generator)
+    drawn = objective.draw(dataset[samples].shape, generator)
     patches = adapter_patches(task.network, adapters or {})
     total = 0.0
     with torch.no_grad(), task.session(ForwardPatches(patches)):
         for start in range(0, draws, 8):
             part = slice(start, start + 8)
             total += float(sample_losses(
-                task, dataset, samples[part], noise[part], sigmas[part], config).sum())
+                task, objective, dataset, samples[part], drawn.part(part)).sum())
     return total / draws
 
 
@@ -186,6 +189,7 @@ def train(
 
 def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainResult:
     generator = torch.Generator().manual_seed(config.seed)
+    objective = objective_of(task, config)
     lora_dtype = DTYPES[config.lora_dtype]
     if existing is None:
         targets = find_targets(
@@ -225,7 +229,7 @@ def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainRe
     adapted = ForwardPatches(
         adapter_patches(task.network, adapters) + adapter_patches(task.network, deltas))
     with frozen(task.network), task.session(adapted), \
-            ForwardPatches(run_patches(task, dataset, batch_size, config)), \
+            ForwardPatches(run_patches(task, objective, dataset, batch_size, config)), \
             tqdm(total=config.steps, desc="Train LoRA", unit="step", mininterval=1.0) as progress:
         set_training(optimizer, True)
         base_rates = [group["lr"] for group in optimizer.param_groups]
@@ -234,13 +238,12 @@ def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainRe
             for group, rate in zip(optimizer.param_groups, base_rates):
                 group["lr"] = rate * factor
             samples = sampler.take(per_step)
-            noise = torch.randn(dataset[samples].shape, generator=generator)
-            sigmas = task.sample_sigmas(per_step, generator)
+            drawn = objective.draw(dataset[samples].shape, generator)
             step_loss = torch.zeros((), device=task.device)
             for start in range(0, per_step, batch_size):
                 part = slice(start, start + batch_size)
                 loss = sample_losses(
-                    task, dataset, samples[part], noise[part], sigmas[part], config).mean()
+                    task, objective, dataset, samples[part], drawn.part(part)).mean()
                 (loss / accumulation).backward()
                 step_loss += loss.detach() / accumulation
             value = float(step_loss)
@@ -292,32 +295,41 @@ def parameter_groups(modules: Iterable[nn.Module], config) -> list[dict]:
             {"params": [p for p in params if id(p) in up], "lr": lr * ratio}]
 
 
-def run_patches(task: DiffusionTask, dataset: torch.Tensor, batch_size: int, config) -> list:
+def run_patches(task: DiffusionTask, objective: Objective, dataset: torch.Tensor,
+                batch_size: int, config) -> list:
     """The run's forward patches besides the adapters (installed once they are): guards for
     the blocks that the first batch shows writing into their inputs, then checkpointing."""
     blocks = checkpoint_blocks(task.network)
     mutating = find_mutating_blocks(
-        blocks, lambda: first_batch(task, dataset, batch_size, config))
+        blocks, lambda: first_batch(task, objective, dataset, batch_size))
     patches = inplace_patches(mutating)
     if config.gradient_checkpointing:
         patches += [(block, checkpointed) for block in checkpointable(blocks, mutating)]
     return patches
 
 
-def first_batch(task: DiffusionTask, dataset: torch.Tensor, batch_size: int, config) -> None:
+def first_batch(task: DiffusionTask, objective: Objective, dataset: torch.Tensor,
+                batch_size: int) -> None:
     """One forward of the first ``batch_size`` latents without a graph (so its peak memory is
     a forward's, whatever checkpointing saves later): it shows what the blocks do to their
     inputs, and a shape error here means the latents or the conditioning do not fit."""
     samples = torch.arange(batch_size)
-    sigmas = task.sample_sigmas(batch_size, torch.Generator().manual_seed(0))
+    sigmas = objective.sample_sigmas(batch_size, torch.Generator().manual_seed(0))
     noise = torch.zeros(dataset[samples].shape)
-    try:
-        with torch.no_grad():
-            sample_losses(task, dataset, samples, noise, sigmas, config)
-    except RuntimeError as error:
-        if not is_input_mismatch(error):
-            raise
-        raise ValueError(
-            f"The model could not run on the first batch (latents {list(dataset.shape[1:])}): "
-            f"{error}. Check that the latents come from this model's VAE and the conditioning "
-            "from its text encoder.") from error
+    # with caption dropout, the empty conditioning must fit the model too
+    probes = [(None, "the conditioning from its text encoder")]
+    if objective.config.caption_dropout > 0:
+        probes.append((torch.ones(batch_size, dtype=torch.bool),
+                       "empty_conditioning from its text encoder"))
+    for dropped, source in probes:
+        try:
+            with torch.no_grad():
+                sample_losses(task, objective, dataset, samples,
+                              StepDraws(noise, sigmas, dropped))
+        except RuntimeError as error:
+            if not is_input_mismatch(error):
+                raise
+            raise ValueError(
+                f"The model could not run on the first batch (latents "
+                f"{list(dataset.shape[1:])}): {error}. Check that the latents come from this "
+                f"model's VAE and {source}.") from error

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ..losses import LOSSES
+from ..losses.objective import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING
 from ..lora import ADAPTERS
 from ..optimizers import OPTIMIZERS
 
@@ -175,6 +176,39 @@ DECLARED: tuple[Option, ...] = (
     _opt("train_norm_bias", "BOOLEAN", False, "Also train a full delta of every normalisation "
          "weight and every bias (what ComfyUI's own trainer does), saved as diff / diff_b "
          "keys that ComfyUI's loader applies."),
+    # -- the objective (losses/objective.py) ------------------------------------------------
+    _opt("timestep_sampling", "COMBO", "uniform", "How noise levels are drawn, as a fraction "
+         "t of the model's own noise levels (its schedule and shift apply): uniform; "
+         "logit_normal = sigmoid(timestep_mean + timestep_std x N(0, 1)), favouring the "
+         "middle; mode = SD3's mode sampling with mode_scale.",
+         choices=lambda: TIMESTEP_SAMPLING),
+    _opt("timestep_mean", "FLOAT", 0.0, "logit_normal: the mean m of the logit of t "
+         "(negative: less noise, positive: more).", low=-5.0, high=5.0, step=0.05),
+    _opt("timestep_std", "FLOAT", 1.0, "logit_normal: the standard deviation s of the logit "
+         "of t (SD3: 1).", low=0.05, high=5.0, step=0.05),
+    _opt("mode_scale", "FLOAT", 1.29, "mode: the scale s of t = 1 - u - s (cos^2(pi u / 2) - "
+         "1 + u); 0 is uniform, positive favours the middle (SD3: 1.29).", low=-1.0,
+         high=1.75, step=0.01),
+    _opt("shift", "FLOAT", 0.0, "Flow models: train at the noise levels of this shift "
+         "(t' = shift t / (1 + (shift - 1) t); SD3 uses 3) instead of the model's own; 0 = "
+         "the model's own.", low=0.0, high=100.0, step=0.05),
+    _opt("stratified", "BOOLEAN", False, "Stratify the noise levels of each optimizer step: "
+         "its batch_size x grad_accumulation_steps draws take one from each equal slice of "
+         "[0, 1) before the distribution is applied, so a step covers the noise range evenly."),
+    _opt("loss_weighting", "COMBO", "none", "Weight of each sample's loss by its noise level: "
+         "none = the model's native objective; min_snr = Min-SNR-gamma (with min_snr_gamma); "
+         "x0 = the loss on the denoised image (what ComfyUI's own trainer optimises); "
+         "sigma_sqrt and cosmap = SD3's weightings (flow models only).",
+         choices=lambda: LOSS_WEIGHTINGS),
+    _opt("min_snr_gamma", "FLOAT", 5.0, "min_snr: the SNR cap gamma (the paper's 5).",
+         low=0.01, high=100.0, step=0.1),
+    _opt("noise_offset", "FLOAT", 0.0, "eps and v models: add this x a per-channel constant "
+         "N(0, 1) to the noise, so the model learns to change an image's mean brightness "
+         "(0.05-0.1 usual); 0 = off.", low=0.0, high=1.0, step=0.01, kohya="ss_noise_offset"),
+    _opt("caption_dropout", "FLOAT", 0.0, "Probability that a sample trains with the "
+         "empty_conditioning input instead of its own (the LoRA then also learns without "
+         "its prompt); needs empty_conditioning when above 0.", low=0.0, high=1.0,
+         step=0.01, kohya="ss_caption_dropout_rate"),
 )
 
 BY_NAME: dict[str, Option] = {option.name: option for option in DECLARED}

@@ -15,27 +15,36 @@ from torch import nn
 
 from ..lora.inject import ForwardPatches
 from ..losses import TARGETS, add_noise
+from ..losses.targets import denoised
 
 
 class DiffusionTask(Protocol):
+    """The facts of a model the objective (:mod:`lora_lab.losses.objective`) reads, and its
+    forward."""
+
     network: nn.Module  # the module tree that receives adapters
     key_prefix: str  # prefix of the saved keys, e.g. "diffusion_model."
     device: torch.device
+    prediction: str | None  # "eps", "v", "flow", or None (target by inverting ``denoise``)
+    sigma_table: torch.Tensor | None  # the model's noise levels (CPU float32), if tabulated
+    can_drop_captions: bool  # an empty conditioning is known (for caption dropout)
 
     def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as the model's sampler feeds them (e.g. scaled by the latent format)."""
 
-    def sample_sigmas(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        """``count`` noise levels (CPU, float32) drawn from ``generator``."""
+    def percent_to_sigma(self, percent: float) -> float:
+        """The noise level ``percent`` of the way through sampling (0: the most noise)."""
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         ...
 
-    def target(self, x0, noise, sigma, x_t) -> torch.Tensor:
-        """What the raw network output should equal (native prediction space)."""
+    def denoise(self, sigma: torch.Tensor, output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """The denoised estimate of a raw network ``output``."""
 
-    def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
-        """The raw network output for ``x_t`` with the conditioning of dataset ``samples``."""
+    def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, samples: torch.Tensor,
+                dropped: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw network output for ``x_t`` with the conditioning of dataset ``samples``
+        (the empty conditioning where ``dropped``)."""
 
     def session(self, patches: ForwardPatches) -> ContextManager:
         """Install ``patches`` on the network for the run and remove them afterwards."""
@@ -60,36 +69,40 @@ class TorchTask:
     """A plain ``nn.Module`` network ``network(x, timestep, context)``.
 
     eps/v networks see ``x_t / sqrt(sigma^2 + 1)`` and the discrete timestep whose sigma is
-    nearest; flow networks see ``x_t`` and ``1000 * sigma``. Sigmas are drawn uniformly from
-    the ``sigmas`` table. ``context`` holds one conditioning per dataset sample.
+    nearest; flow networks see ``x_t`` and ``1000 * sigma``. ``sigmas`` is the table of
+    noise levels. ``context`` holds one conditioning per dataset sample; ``empty_context``
+    (one row) is the conditioning caption dropout trains with.
     """
 
     key_prefix = "diffusion_model."
 
     def __init__(
         self, network: nn.Module, prediction: str, sigmas: torch.Tensor, context: torch.Tensor,
-        device: torch.device | str = "cpu",
+        device: torch.device | str = "cpu", empty_context: torch.Tensor | None = None,
     ) -> None:
         if prediction not in TARGETS:
             raise ValueError(f"prediction {prediction!r} must be one of {', '.join(TARGETS)}.")
         self.network = network
         self.prediction = prediction
         self.sigmas = sigmas.float().cpu()
+        self.sigma_table = self.sigmas
         self.context = context
+        self.empty_context = empty_context
+        self.can_drop_captions = empty_context is not None
         self.device = torch.device(device)
 
     def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
 
-    def sample_sigmas(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        index = torch.randint(0, len(self.sigmas), (count,), generator=generator)
-        return self.sigmas[index]
+    def percent_to_sigma(self, percent: float) -> float:
+        index = round((1 - percent) * (len(self.sigmas) - 1))
+        return float(self.sigmas.sort().values[index])
 
     def add_noise(self, x0, noise, sigma):
         return add_noise(self.prediction, x0, noise, sigma)
 
-    def target(self, x0, noise, sigma, x_t):
-        return TARGETS[self.prediction](x0, noise, sigma)
+    def denoise(self, sigma, output, x_t):
+        return denoised(self.prediction, sigma, output, x_t)
 
     def model_input(self, x_t: torch.Tensor, sigma: torch.Tensor):
         s = sigma.to(x_t.device, torch.float32)
@@ -100,10 +113,13 @@ class TorchTask:
         timestep = (s.log()[:, None] - log_table[None]).abs().argmin(dim=1).float()
         return scaled, timestep
 
-    def predict(self, x_t, sigma, samples):
+    def predict(self, x_t, sigma, samples, dropped=None):
         x_in, timestep = self.model_input(x_t, sigma)
-        context = self.context[samples.cpu()].to(x_t.device)
-        return self.network(x_in, timestep, context)
+        context = self.context[samples.cpu()]
+        if dropped is not None and dropped.any():
+            context = context.clone()
+            context[dropped.cpu()] = self.empty_context.to(context.dtype)
+        return self.network(x_in, timestep, context.to(x_t.device))
 
     @contextlib.contextmanager
     def session(self, patches: ForwardPatches) -> Iterator[None]:

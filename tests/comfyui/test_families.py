@@ -101,7 +101,6 @@ def adapter_gradients(pack, model, latents, positive, *, guarded, gradient_check
     """Gradients of the same LoRA (nonzero up weights) through one fp32 loss on ``model``."""
     bridge, inject = _module(pack, "nodes.bridge"), _module(pack, "lora.inject")
     checkpointing, inplace = _module(pack, "training.checkpointing"), _module(pack, "training.inplace")
-    losses = _module(pack, "losses")
     with torch.inference_mode(False), torch.enable_grad():
         task = bridge.ComfyTask(bridge.training_clone(model), positive, latents, "fp32")
         adapters = inject.create_adapters(task.network, "LoRA", 4, 4.0, torch.float32,
@@ -116,10 +115,12 @@ def adapter_gradients(pack, model, latents, positive, *, guarded, gradient_check
         sigma = torch.tensor([0.3, 0.8])
         samples = torch.arange(latents.shape[0])
 
+        objective = _module(pack, "losses.objective").Objective(
+            task, _module(pack, "training.config").TrainConfig(training_dtype="fp32"))
+
         def loss():
-            x_t = task.add_noise(x0, noise, sigma)
-            prediction = task.predict(x_t, sigma, samples)
-            return losses.per_sample_loss("MSE", prediction, task.target(x0, noise, sigma, x_t)).mean()
+            return objective.losses(
+                lambda x_t, s: task.predict(x_t, s, samples), x0, noise, sigma).mean()
 
         blocks = checkpointing.checkpoint_blocks(task.network)
         with task.session(inject.ForwardPatches(inject.adapter_patches(task.network, adapters))):
