@@ -17,6 +17,7 @@ stratified first and every distribution keeps its density.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -27,9 +28,16 @@ from . import per_sample_loss
 from .targets import TARGETS, target_by_inversion
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
-LOSS_WEIGHTINGS = ("none", "min_snr", "x0", "sigma_sqrt", "cosmap")
+LOSS_WEIGHTINGS = ("auto", "none", "min_snr", "x0", "sigma_sqrt", "cosmap")
 FLOW_ONLY_WEIGHTINGS = ("sigma_sqrt", "cosmap")
 PREDICTIONS = tuple(TARGETS)
+
+# What "auto" means per prediction kind, chosen by the sample-quality benchmark
+# (benchmarks/bench_quality.py; figures in README "How training works").
+AUTO = "auto"
+AUTO_CHOICES: dict[str, dict[str | None, str]] = {
+    "loss_weighting": {"eps": "x0", "v": "x0", "flow": "x0", None: "none"},
+}
 
 # keeps logit-normal's inverse CDF finite and percent_to_sigma inside its range
 _EDGE = 1e-5
@@ -161,15 +169,29 @@ class StepDraws:
         return StepDraws(self.noise[index], self.sigmas[index], dropped)
 
 
+def auto_text(name: str) -> str:
+    """What "auto" chooses for option ``name``, e.g. "eps: x0, v: none, flow: none"."""
+    return ", ".join(f"{kind}: {value}" for kind, value in AUTO_CHOICES[name].items()
+                     if kind is not None)
+
+
+def resolve(config, prediction: str | None):
+    """``config`` with every ``"auto"`` replaced by its choice for ``prediction``."""
+    chosen = {name: by_kind[prediction] for name, by_kind in AUTO_CHOICES.items()
+              if getattr(config, name) == AUTO}
+    return dataclasses.replace(config, **chosen) if chosen else config
+
+
 class Objective:
-    """The objective of one run over the model of ``task`` with the choices of ``config``.
+    """The objective of one run over the model of ``task`` with the choices of ``config``;
+    ``self.config`` is ``config`` with its "auto" choices resolved for the model.
 
     Raises a ValueError naming the option when a choice does not fit the model."""
 
     def __init__(self, task: ModelFacts, config, *, can_drop_captions: bool = False) -> None:
         self.task = task
-        self.config = config
         self.prediction = task.prediction
+        self.config = resolve(config, self.prediction)
         table = task.sigma_table
         self.table = table.float().cpu().sort().values if table is not None and len(table) > 1 else None
         self._check(can_drop_captions)

@@ -21,7 +21,8 @@ def option_input(name: str) -> tuple[str, str, dict]:
 
 OPTIONS_INPUT = (
     "options", OPTIONS_TYPE, {"optional": True, "tooltip": (
-        "Training Options (warm-up, schedule, clipping, EMA, LoRA+, target layers...). "
+        "Training Options (warm-up, schedule, clipping, EMA, LoRA+, target layers, timestep "
+        "sampling, loss weighting, noise offset, caption dropout...). "
         "Unconnected: every option at its default.")})
 
 EMPTY_CONDITIONING_INPUT = (
@@ -65,7 +66,8 @@ TRAIN_LORA = NodeSpec(
     display_name="Train LoRA",
     description=(
         "Train a LoRA on a diffusion model from latents and conditioning. The loss is taken in "
-        "the model's native prediction space (noise, v or flow velocity)."),
+        "the model's native prediction space (noise, v or flow velocity), weighted per noise "
+        "level as Training Options' loss_weighting says."),
     inputs=TRAIN_INPUTS,
     outputs=TRAIN_OUTPUTS,
     flags={"not_idempotent": True},
@@ -78,7 +80,8 @@ TRAINING_OPTIONS = NodeSpec(
     description=(
         "Options of a Train LoRA run beyond its own widgets: learning-rate schedule and "
         "warm-up, gradient clipping, weight decay, EMA, alpha and rsLoRA, LoRA+, which layers "
-        "to train, norm and bias deltas. Chain several: a later node's changed values win."),
+        "to train, norm and bias deltas, timestep sampling and loss weighting, noise offset, "
+        "caption dropout. Chain several: a later node's changed values win."),
     inputs=[*(option_input(option.name) for option in node_options(OPTIONS_NODE)),
             ("options", OPTIONS_TYPE, {"optional": True, "tooltip": (
                 "Options from another Training Options node; the values changed on this node "

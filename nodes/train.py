@@ -86,7 +86,7 @@ class TrainLoRA(io.ComfyNode):
         adapter = next(iter(result.adapters.values()))
         model_config = getattr(model.model, "model_config", None)
         metadata = training_metadata(
-            config, steps=total_steps, algorithm=type(adapter).NAME,
+            result.config, steps=total_steps, algorithm=type(adapter).NAME,
             rank=getattr(adapter, "rank", config.rank),
             alpha=getattr(adapter, "alpha", config.adapter_alpha), batch_size=result.batch_size,
             base_model=type(model_config or model.model).__name__, version=__version__)

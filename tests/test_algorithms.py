@@ -217,7 +217,7 @@ LEARNING_RATES = {"OFT": 1e-2, "BOFT": 1e-2}
 def test_a_few_steps_lower_the_loss(algorithm):
     task, latents = make_task("dit", count=2)
     config = TrainConfig(steps=20, batch_size=2, learning_rate=LEARNING_RATES.get(algorithm, 3e-3),
-                         alpha=8.0, algorithm=algorithm, training_dtype="fp32",
+                         alpha=8.0, algorithm=algorithm, training_dtype="fp32", loss_weighting="none",
                          lora_dtype="fp32", gradient_checkpointing=False)
     before = evaluate(task, latents, config, draws=16)
     result = train(task, latents, config)

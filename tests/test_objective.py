@@ -8,7 +8,7 @@ import torch
 
 from lora_lab.losses import TARGETS, add_noise, per_sample_loss
 from lora_lab.losses.objective import (
-    LOSS_WEIGHTINGS, Objective, cosmap_weight, flow_shift, logit_normal, loss_weight, mode,
+    AUTO_CHOICES, LOSS_WEIGHTINGS, Objective, cosmap_weight, flow_shift, logit_normal, loss_weight, mode,
 )
 from lora_lab.losses.targets import denoised
 from lora_lab.training.config import TrainConfig
@@ -176,7 +176,7 @@ def test_sd3_weightings_equal_their_formulas():
         for a, b in zip(EDGES[:-1], EDGES[1:])])
     assert torch.allclose(histogram(mapped), mass.double(), atol=4e-3)
     assert loss_weight("none", "eps", t).eq(1).all()
-    assert set(LOSS_WEIGHTINGS) == {"none", "min_snr", "x0", "sigma_sqrt", "cosmap"}
+    assert set(LOSS_WEIGHTINGS) == {"auto", "none", "min_snr", "x0", "sigma_sqrt", "cosmap"}
 
 
 # -- choices that do not fit the model ----------------------------------------------------------
@@ -249,8 +249,19 @@ def test_options_change_what_is_trained():
 
     base = lora()
     for options in (dict(loss_weighting="min_snr", min_snr_gamma=0.5),
-                    dict(loss_weighting="x0"),
+                    dict(loss_weighting="none"),
                     dict(timestep_sampling="mode"), dict(noise_offset=0.1),
                     dict(caption_dropout=0.9)):
         other = lora(**options)
         assert any(not torch.allclose(base[k], other[k]) for k in base), options
+
+
+@pytest.mark.parametrize("kind,prediction", [("unet", "eps"), ("unet_v", "v"), ("dit", "flow")])
+def test_auto_resolves_per_prediction_and_the_result_says_what_was_used(kind, prediction):
+    task, latents = make_task(kind)
+    result = train(task, latents, TrainConfig(steps=1, **FP32))
+    assert TrainConfig().loss_weighting == "auto"
+    assert result.config.loss_weighting == AUTO_CHOICES["loss_weighting"][prediction] != "auto"
+    explicit = train(task, latents, TrainConfig(
+        steps=1, **FP32, loss_weighting=result.config.loss_weighting))
+    assert all(torch.equal(result.lora[k], explicit.lora[k]) for k in result.lora)

@@ -121,7 +121,10 @@ def test_alpha_and_rslora_scale_the_saved_alpha():
     task, latents = make_task("unet", count=2)
     plain = train(task, latents, TrainConfig(steps=1, rank=4, **FP32))
     alphas = {float(v) for k, v in plain.lora.items() if k.endswith(".alpha")}
-    assert alphas == {1.0}  # alpha 0 = the default, 1
+    assert alphas == {4.0}  # alpha 0 = the default: the rank for LoRA (scale 1)
+    task, latents = make_task("unet", count=2)
+    loha = train(task, latents, TrainConfig(steps=1, rank=4, algorithm="LoHa", **FP32))
+    assert {float(v) for k, v in loha.lora.items() if k.endswith(".alpha")} == {1.0}
     task, latents = make_task("unet", count=2)
     rs = train(task, latents, TrainConfig(steps=1, rank=4, alpha=8.0, rslora=True, **FP32))
     for key, value in rs.lora.items():

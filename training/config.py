@@ -7,7 +7,7 @@ import re
 from dataclasses import field, make_dataclass
 
 from ..optimizers import OPTIMIZERS
-from .options import BY_NAME, DECLARED, DTYPES
+from .options import ALPHA_IS_RANK, BY_NAME, DECLARED, DTYPES
 
 __all__ = ["DTYPES", "TrainConfig"]
 
@@ -41,8 +41,11 @@ def _validate(self) -> None:
 
 
 def _adapter_alpha(self) -> float:
-    """The alpha adapters are made with: ``alpha``, or 1 when it is 0 (the default)."""
-    return float(self.alpha) if self.alpha else 1.0
+    """The alpha adapters are made with: ``alpha``; when it is 0 (the default), the rank for
+    the algorithms of ``ALPHA_IS_RANK`` and 1 for the others."""
+    if self.alpha:
+        return float(self.alpha)
+    return float(self.rank) if self.algorithm in ALPHA_IS_RANK else 1.0
 
 
 def _help(cls, name: str) -> str:

@@ -14,6 +14,7 @@ place (:mod:`.inplace`); it draws nothing from the run's generator.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class TrainResult:
     losses: list[float]  # one value per optimizer step: the mean of its micro-batches
     adapters: dict[str, Adapter]
     batch_size: int  # the batch size actually used
+    config: TrainConfig  # the run's configuration, "auto" choices resolved for the model
 
 
 def check_latents(latents: torch.Tensor) -> None:
@@ -155,7 +157,8 @@ def evaluate(
     The draws come from their own generator, so before/after comparisons see the same ones.
     """
     generator = torch.Generator().manual_seed(seed)
-    objective = objective_of(task, config)
+    # every sample with its own conditioning: dropout is a training device
+    objective = objective_of(task, dataclasses.replace(config, caption_dropout=0.0))
     dataset = task.prepare_latents(latents).float().cpu()
     samples = torch.arange(draws) % dataset.shape[0]
     drawn = objective.draw(dataset[samples].shape, generator)
@@ -272,7 +275,7 @@ def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainRe
         p.requires_grad_(False)
     lora = {**lora_state_dict(adapters, task.key_prefix),
             **lora_state_dict(deltas, task.key_prefix)}
-    return TrainResult(lora, losses, adapters, batch_size)
+    return TrainResult(lora, losses, adapters, batch_size, objective.config)
 
 
 def parameter_groups(modules: Iterable[nn.Module], config) -> list[dict]:

@@ -20,13 +20,18 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ..losses import LOSSES
-from ..losses.objective import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING
+from ..losses.objective import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, auto_text
 from ..lora import ADAPTERS
 from ..optimizers import OPTIMIZERS
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TARGET_LAYERS = ("linear", "all", "attention", "attention_and_mlp")
+
+# the algorithms whose default alpha is their rank (a delta scale of 1, PEFT's and diffusers'
+# default), chosen with the sample-quality benchmark (README "How training works"); the
+# others keep alpha 1
+ALPHA_IS_RANK = ("LoRA", "DoRA")
 
 TRAIN_NODE = "train"
 OPTIONS_NODE = "options"
@@ -157,7 +162,8 @@ DECLARED: tuple[Option, ...] = (
          "weights; 0 = off. 0.99-0.999 are usual. Not with AdamWScheduleFree, which "
          "averages already.", low=0.0, high=0.99999, step=0.0001),
     _opt("alpha", "FLOAT", 0.0, "The adapters' alpha (LoRA's delta is scaled by alpha / "
-         "rank); 0 = the default, 1.", low=0.0, high=1024.0, step=0.5, kohya="ss_network_alpha"),
+         f"rank); 0 = the default: the rank for {' and '.join(ALPHA_IS_RANK)} (scale 1), 1 "
+         "for the other algorithms.", low=0.0, high=1024.0, step=0.5, kohya="ss_network_alpha"),
     _opt("rslora", "BOOLEAN", False, "Rank-stabilised scaling alpha / sqrt(rank) instead of "
          "alpha / rank (LoRA, LoHa, GLoRA, DoRA). The saved alpha is alpha x sqrt(rank), so "
          "ComfyUI's loader applies the same scale."),
@@ -195,11 +201,12 @@ DECLARED: tuple[Option, ...] = (
     _opt("stratified", "BOOLEAN", False, "Stratify the noise levels of each optimizer step: "
          "its batch_size x grad_accumulation_steps draws take one from each equal slice of "
          "[0, 1) before the distribution is applied, so a step covers the noise range evenly."),
-    _opt("loss_weighting", "COMBO", "none", "Weight of each sample's loss by its noise level: "
-         "none = the model's native objective; min_snr = Min-SNR-gamma (with min_snr_gamma); "
-         "x0 = the loss on the denoised image (what ComfyUI's own trainer optimises); "
-         "sigma_sqrt and cosmap = SD3's weightings (flow models only).",
-         choices=lambda: LOSS_WEIGHTINGS),
+    _opt("loss_weighting", "COMBO", "auto", "Weight of each sample's loss by its noise level: "
+         f"auto = chosen per model type by measured sample quality ({auto_text('loss_weighting')}"
+         "); none = the model's native objective; min_snr = Min-SNR-gamma "
+         "(with min_snr_gamma); x0 = the loss on the denoised image (what ComfyUI's own "
+         "trainer optimises); sigma_sqrt and cosmap = SD3's weightings (flow models only). "
+         "Saved files record the weighting used.", choices=lambda: LOSS_WEIGHTINGS),
     _opt("min_snr_gamma", "FLOAT", 5.0, "min_snr: the SNR cap gamma (the paper's 5).",
          low=0.01, high=100.0, step=0.1),
     _opt("noise_offset", "FLOAT", 0.0, "eps and v models: add this x a per-channel constant "

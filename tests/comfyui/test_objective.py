@@ -98,3 +98,17 @@ def test_choices_that_do_not_fit_the_model_are_refused(family, options, match, t
     with pytest.raises(ValueError, match=match):
         run_train(train_node, model, latents, positive, steps=1,
                   options=make_options(options_node, **options))
+
+
+@pytest.mark.parametrize("family,prediction", [("sd15", "eps"), ("sd3", "flow")])
+def test_the_defaults_used_are_written_into_the_saved_metadata(family, prediction, pack,
+                                                               train_node, comfy):
+    objective = importlib.import_module(pack.__name__ + ".losses.objective")
+    options = importlib.import_module(pack.__name__ + ".training.options")
+    model, latents, positive, _ = family_case(family)
+    _, lora, _, _ = run_train(train_node, model, latents, positive, steps=1)
+    used = lora.metadata["lora_lab.loss_weighting"]
+    assert used == objective.AUTO_CHOICES["loss_weighting"][prediction] != "auto"
+    for option in options.DECLARED:  # every other option: its declared default
+        if option.name not in objective.AUTO_CHOICES and option.node == options.OPTIONS_NODE:
+            assert lora.metadata[f"lora_lab.{option.name}"] == str(option.default), option.name
