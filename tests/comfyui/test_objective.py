@@ -109,6 +109,8 @@ def test_the_defaults_used_are_written_into_the_saved_metadata(family, predictio
     _, lora, _, _ = run_train(train_node, model, latents, positive, steps=1)
     used = lora.metadata["lora_lab.loss_weighting"]
     assert used == objective.AUTO_CHOICES["loss_weighting"][prediction] != "auto"
+    assert lora.metadata["lora_lab.alpha"] == "4.0"  # rank 4: alpha = rank, as used
     for option in options.DECLARED:  # every other option: its declared default
-        if option.name not in objective.AUTO_CHOICES and option.node == options.OPTIONS_NODE:
+        if option.name not in (*objective.AUTO_CHOICES, "alpha") \
+                and option.node == options.OPTIONS_NODE:
             assert lora.metadata[f"lora_lab.{option.name}"] == str(option.default), option.name

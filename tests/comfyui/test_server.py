@@ -83,8 +83,10 @@ def _check_object_info(server):
     node = info["LoRALab_TrainLoRA"]
     assert node["input_order"]["required"] == EXPECTED_INPUTS
     assert list(node["input"]["required"]) == EXPECTED_INPUTS
-    assert node["input_order"].get("optional") == ["options"]  # Training Options, after the 16
+    # Training Options and the empty prompt for caption dropout, after the 16
+    assert node["input_order"].get("optional") == ["options", "empty_conditioning"]
     assert node["input"]["optional"]["options"][0] == "LORALAB_OPTIONS"
+    assert node["input"]["optional"]["empty_conditioning"][0] == "CONDITIONING"
     options_node = server.get_json("/object_info/LoRALab_TrainingOptions")["LoRALab_TrainingOptions"]
     assert options_node["output"] == ["LORALAB_OPTIONS"]
     assert options_node["input"]["optional"]["options"][0] == "LORALAB_OPTIONS"
