@@ -271,8 +271,6 @@ class Objective:
 
     def weights(self, sigma: torch.Tensor) -> torch.Tensor:
         c = self.config
-        if c.loss_weighting == "none":
-            return torch.ones_like(sigma, dtype=torch.float32)
         return loss_weight(c.loss_weighting, self.prediction, sigma.cpu(), c.min_snr_gamma)
 
     def losses(
