@@ -44,14 +44,19 @@ _EDGE = 1e-5
 
 
 class ModelFacts(Protocol):
-    prediction: str | None
-    sigma_table: torch.Tensor | None  # ascending, CPU float32; None: use percent_to_sigma
+    """What the objective reads of a model (the tasks of ``training/task.py`` provide it)."""
 
-    def percent_to_sigma(self, percent: float) -> float: ...
+    prediction: str | None  # "eps", "v", "flow", or None (target by inverting ``denoise``)
+    sigma_table: torch.Tensor | None  # the model's noise levels (CPU float32), if tabulated
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...
+    def percent_to_sigma(self, percent: float) -> float:
+        """The noise level ``percent`` of the way through sampling (0: the most noise)."""
 
-    def denoise(self, sigma: torch.Tensor, output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor: ...
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The noised latent at ``sigma`` (the model's own noising)."""
+
+    def denoise(self, sigma: torch.Tensor, output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """The denoised estimate of a raw network ``output``."""
 
 
 # -- timestep densities (peer_trainers (c.2); all map a uniform u in (0, 1) to t in (0, 1)) ----

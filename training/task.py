@@ -15,31 +15,21 @@ from torch import nn
 
 from ..lora.inject import ForwardPatches
 from ..losses import TARGETS, add_noise
+from ..losses.objective import ModelFacts
 from ..losses.targets import denoised
 
 
-class DiffusionTask(Protocol):
-    """The facts of a model the objective (:mod:`lora_lab.losses.objective`) reads, and its
-    forward."""
+class DiffusionTask(ModelFacts, Protocol):
+    """A model's facts the objective reads (:class:`~lora_lab.losses.objective.ModelFacts`),
+    and what the loop needs besides: the adapted network, latents and the forward."""
 
     network: nn.Module  # the module tree that receives adapters
     key_prefix: str  # prefix of the saved keys, e.g. "diffusion_model."
     device: torch.device
-    prediction: str | None  # "eps", "v", "flow", or None (target by inverting ``denoise``)
-    sigma_table: torch.Tensor | None  # the model's noise levels (CPU float32), if tabulated
     can_drop_captions: bool  # an empty conditioning is known (for caption dropout)
 
     def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as the model's sampler feeds them (e.g. scaled by the latent format)."""
-
-    def percent_to_sigma(self, percent: float) -> float:
-        """The noise level ``percent`` of the way through sampling (0: the most noise)."""
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        ...
-
-    def denoise(self, sigma: torch.Tensor, output: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-        """The denoised estimate of a raw network ``output``."""
 
     def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, samples: torch.Tensor,
                 dropped: torch.Tensor | None = None) -> torch.Tensor:
