@@ -20,6 +20,7 @@ same way:
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Iterator
 
 import torch
@@ -86,6 +87,7 @@ class ComfyTask:
         table = getattr(self.sampling, "sigmas", None)
         self.sigma_table = table.detach().float().cpu().clone() if table is not None else None
         self._outputs: list[torch.Tensor] = []
+        self._recording = True
         self.sample_conds = self._encode_conditioning(positive, latents)
         self.empty_cond = self._encode_empty(empty, latents) if empty is not None else None
         self.can_drop_captions = self.empty_cond is not None
@@ -171,10 +173,32 @@ class ComfyTask:
     def _record_output(self, forward):
         def run(*args, **kwargs):
             out = forward(*args, **kwargs)
-            self._outputs.append(out)
+            if self._recording:
+                self._outputs.append(out)
             return out
 
         return run
+
+    def for_data(self, positive, latents: torch.Tensor) -> "ComfyTask":
+        """This task with other conditioning (and latents for its size): a view that shares
+        the clone, its session and its forward (for validation data)."""
+        view = copy.copy(self)
+        view.positive_count = len(positive) if isinstance(positive, (list, tuple)) else 0
+        view.sample_conds = view._encode_conditioning(positive, latents)
+        return view
+
+    @contextlib.contextmanager
+    def previewing(self) -> Iterator[None]:
+        """Sampling (a preview) on the training clone inside its session: the forward is not
+        recorded, and afterwards the clone is loaded and injected again in case ComfyUI's
+        model management moved it to make room for the sampler or the VAE."""
+        self._recording = False
+        try:
+            yield
+        finally:
+            self._recording = True
+            comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+            self.patcher.inject_model()
 
     @contextlib.contextmanager
     def session(self, patches: ForwardPatches) -> Iterator[None]:

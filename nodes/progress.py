@@ -32,29 +32,40 @@ class LiveProgress:
     """The ``on_step`` callback of a run: call it after every optimizer step.
 
     Updates ComfyUI's progress bar each step; sends "step i/n, loss" text to the node and,
-    at most every ``preview_seconds`` (and on the last step), a preview of the loss curve so
-    far. Raises ComfyUI's interrupt exception when the user pressed Cancel.
+    at most every ``preview_seconds`` (and on the last step, and when a sample preview is
+    new), a preview image: the loss curve so far (with the validation series), and beside it
+    the newest sample previews of ``previews`` when the run makes them. Raises ComfyUI's
+    interrupt exception when the user pressed Cancel.
     """
 
     def __init__(self, total: int, preview_seconds: float = 2.0) -> None:
         self.bar = comfy.utils.ProgressBar(total)
         self.losses: list[float] = []
+        self.validation: list[list[float]] = []
+        self.previews = None  # a long_runs.Previews, set by the node when previews are on
         self.preview_seconds = preview_seconds
         self._last_preview = 0.0
+        self._shown_rows = 0
         self.server, self.node_id = _server_and_node()
 
     def __call__(self, report) -> None:
         step, total, loss = report.step, report.total, report.loss
         self.losses.append(loss)
+        if report.validation is not None:
+            self.validation.append([step, report.validation])
+        rows = len(self.previews.rows) if self.previews is not None else 0
         preview = None
         now = time.monotonic()
-        if step == total or now - self._last_preview >= self.preview_seconds:
-            self._last_preview = now
+        if (step == total or rows != self._shown_rows
+                or now - self._last_preview >= self.preview_seconds):
+            self._last_preview, self._shown_rows = now, rows
             preview = self._preview()
         if self.server is not None and self.node_id is not None:
+            text = f"step {step}/{total}  loss {loss:.4f}"
+            if self.validation:
+                text += f"  validation {self.validation[-1][1]:.4f}"
             try:
-                self.server.send_progress_text(
-                    f"step {step}/{total}  loss {loss:.4f}", self.node_id)
+                self.server.send_progress_text(text, self.node_id)
             except Exception as error:  # the UI text is a courtesy; training goes on
                 log.debug("could not send progress text: %s", error)
         self.bar.update_absolute(step, total, preview)
@@ -66,5 +77,16 @@ class LiveProgress:
         except ImportError:
             return None
         width, height = PREVIEW_SIZE
-        image = render_loss_plot({"loss": self.losses}, width=width, height=height)
-        return ("PNG", Image.fromarray(image), max(width, height))
+        series = {"loss": self.losses}
+        if self.validation:
+            series["validation"] = self.validation
+        image = Image.fromarray(render_loss_plot(series, width=width, height=height))
+        latest = self.previews.latest() if self.previews is not None else None
+        if latest is not None:
+            row = Image.fromarray((latest.numpy() * 255).round().astype("uint8"))
+            row = row.resize((max(1, round(row.width * height / row.height)), height))
+            both = Image.new("RGB", (width + row.width, height), "white")
+            both.paste(image, (0, 0))
+            both.paste(row, (width, 0))
+            image = both
+        return ("PNG", image, max(image.width, image.height))

@@ -31,6 +31,22 @@ EMPTY_CONDITIONING_INPUT = (
         "trains with when caption_dropout (Training Options) drops its own. Needed only "
         "then.")})
 
+# Training Options' data inputs (not options: they carry ComfyUI objects, which the options
+# socket hands to Train LoRA beside the option values)
+OPTIONS_SOCKETS: list[tuple[str, str, dict]] = [
+    ("vae", "VAE", {"optional": True, "tooltip": (
+        "The VAE that decodes the previews (preview_every); the model's own VAE.")}),
+    ("preview_conditioning", "CONDITIONING", {"optional": True, "tooltip": (
+        "The prompts of the previews: one image per conditioning entry (e.g. CLIP Text Encode, "
+        "or several combined), sampled at preview_every steps from the same noise.")}),
+    ("validation_latents", "LATENT", {"optional": True, "tooltip": (
+        "Held-out latents for the validation loss (validation_every); unconnected: the "
+        "training latents. Same size as the training latents.")}),
+    ("validation_conditioning", "CONDITIONING", {"optional": True, "tooltip": (
+        "The conditioning of validation_latents: one for all, or one per latent. Needed with "
+        "validation_latents.")}),
+]
+
 # Train LoRA's inputs in the contract's order, then the optional sockets.
 TRAIN_INPUTS: list[tuple[str, str, dict]] = [
     ("model", "MODEL", {"tooltip": "The diffusion model to train on. It is not modified: the "
@@ -43,7 +59,10 @@ TRAIN_INPUTS: list[tuple[str, str, dict]] = [
     ("existing_lora", "COMBO", {"options": [NONE_LORA], "default": NONE_LORA, "tooltip":
                                 "A LoRA from the loras folder to continue training (safetensors "
                                 "only; it keeps its own rank and alpha), or [None] for a new LoRA. "
-                                "Its previous steps are added to the steps output."}),
+                                "A checkpoint with its .training_state beside it resumes its run "
+                                "exactly (optimizer, schedule, EMA, data order; its settings "
+                                "must match). Its previous steps are added to the steps "
+                                "output."}),
     OPTIONS_INPUT,
     EMPTY_CONDITIONING_INPUT,
 ]
@@ -55,9 +74,14 @@ TRAIN_OUTPUTS: list[tuple[str, str, str, str]] = [
     ("lora", "LORA_MODEL", "lora",
      "The trained LoRA weights (diffusion_model.<layer>.lora_up/lora_down/alpha); connect Save "
      "LoRA, Apply LoRA or ComfyUI's own LoRA nodes."),
-    ("loss", "LOSS_MAP", "loss", "{'loss': one value per optimizer step}; connect Plot Loss."),
+    ("loss", "LOSS_MAP", "loss",
+     "{'loss': one value per optimizer step} and, with validation_every, 'validation': "
+     "[step, loss] pairs; connect Plot Loss (core's Plot Loss reads 'loss' only)."),
     ("total_steps", "INT", "steps",
      "Steps of this run plus the steps of a continued LoRA."),
+    ("previews", "IMAGE", "previews",
+     "The previews (Training Options preview_every): one row per preview step, one column "
+     "per preview conditioning, in step order; a small black image when previews are off."),
 ]
 
 
@@ -81,11 +105,12 @@ TRAINING_OPTIONS = NodeSpec(
         "Options of a Train LoRA run beyond its own widgets: learning-rate schedule and "
         "warm-up, gradient clipping, weight decay, EMA, alpha and rsLoRA, LoRA+, which layers "
         "to train, norm and bias deltas, timestep sampling and loss weighting, noise offset, "
-        "caption dropout. Chain several: a later node's changed values win."),
+        "caption dropout, checkpoints, validation and previews. Chain several: a later node's "
+        "changed values and connected inputs win."),
     inputs=[*(option_input(option.name) for option in node_options(OPTIONS_NODE)),
             ("options", OPTIONS_TYPE, {"optional": True, "tooltip": (
                 "Options from another Training Options node; the values changed on this node "
-                "(different from their default) replace them.")})],
+                "(different from their default) replace them.")}), *OPTIONS_SOCKETS],
     # the output's id differs from the input's (ComfyUI requires it); both show as "options"
     outputs=[("options_out", OPTIONS_TYPE, "options",
               "Connect to Train LoRA's options input (or to another Training Options node).")],

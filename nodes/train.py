@@ -11,13 +11,14 @@ from comfy_api.latest import io
 import comfy.sd
 import folder_paths
 
-from .. import __version__
 from ..lora.io import lora_from_state_dict, read_lora_file, steps_of
 from ..lora.weights import LoraWeights
 from ..training.config import DTYPES, TrainConfig
-from ..training.loop import train
-from ..training.options import OPTIONS_NODE, node_options, training_metadata
+from ..training.loop import Validation, train
+from ..training.options import OPTIONS_NODE, node_options
 from .bridge import ComfyTask, check_latents_fit, training_clone
+from .long_runs import CheckpointWriter, Previews, blank_image, run_metadata, training_state_for
+from .options import SOCKETS
 from .lora_keys import to_diffusion_model_keys
 from .progress import LiveProgress
 from .schema import build_schema
@@ -33,7 +34,8 @@ def lora_files() -> list[str]:
 
 
 def load_existing(name: str, task: ComfyTask, lora_dtype: torch.dtype):
-    """Adapters, norm/bias deltas and steps of the LoRA file ``name`` in the loras folder.
+    """The LoRA file ``name`` of the loras folder: its training state when one is beside it
+    (an exact continuation), else its adapters, norm/bias deltas and steps.
 
     kohya (``lora_unet_...``) and PEFT/diffusers (``lora_A``/``lora_B``) names are mapped to
     ``diffusion_model.<layer>`` through ComfyUI's own key map for the model."""
@@ -42,10 +44,17 @@ def load_existing(name: str, task: ComfyTask, lora_dtype: torch.dtype):
         raise ValueError(
             f"existing_lora {name!r} is not in the loras folder; refresh the node and pick a "
             "listed file, or [None] for a new LoRA.")
+    state = training_state_for(path)
+    if state is not None:
+        log.info("Resuming the run of %s exactly from its training state (step %d).", name,
+                 state.step)
+        return None, None, state.step, state
+    log.info("%s has no training state beside it: continuing from its weights (the optimizer, "
+             "schedule and data order start afresh).", name)
     tensors, metadata = read_lora_file(path)
     tensors = to_diffusion_model_keys(task.patcher, tensors)
     adapters, deltas = lora_from_state_dict(task.network, tensors, task.key_prefix, lora_dtype)
-    return adapters, deltas, steps_of(metadata, os.path.basename(path))
+    return adapters, deltas, steps_of(metadata, os.path.basename(path)), None
 
 
 class TrainLoRA(io.ComfyNode):
@@ -60,47 +69,80 @@ class TrainLoRA(io.ComfyNode):
         learning_rate, rank, optimizer, loss_function, seed, training_dtype, lora_dtype,
         algorithm, gradient_checkpointing, existing_lora, options=None, empty_conditioning=None,
     ) -> io.NodeOutput:
+        values, inputs = options_values(options)
         config = TrainConfig(
             batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps, steps=steps,
             learning_rate=learning_rate, rank=rank, optimizer=optimizer,
             loss_function=loss_function, seed=seed, training_dtype=training_dtype,
             lora_dtype=lora_dtype, algorithm=algorithm,
-            gradient_checkpointing=gradient_checkpointing, **options_values(options))
+            gradient_checkpointing=gradient_checkpointing, **values)
         if not isinstance(latents, dict) or not isinstance(latents.get("samples"), torch.Tensor):
             raise ValueError(
                 "latents must be a LATENT (a dict with a 'samples' tensor); connect VAE Encode, "
                 "Load Latent or Load Image Dataset.")
         samples = latents["samples"]
         check_latents_fit(model, samples)
+        batch = min(config.batch_size, samples.shape[0])
+        writer = CheckpointWriter(model, config, batch) if config.checkpoint_every else None
+        if writer is not None:
+            writer.check()
         on_step = LiveProgress(steps)
         with torch.inference_mode(False):
             patcher = training_clone(model)
             task = ComfyTask(patcher, positive, samples, training_dtype, empty_conditioning)
-            existing, deltas, previous_steps = None, None, 0
+            validation = validation_data(task, config, inputs)
+            previews = None
+            if config.preview_every:
+                previews = Previews(task, inputs.get("vae"), inputs.get("preview_conditioning"),
+                                    samples, config.preview_seed, config.preview_steps)
+                on_step.previews = previews
+            existing, deltas, previous_steps, state = None, None, 0, None
             if existing_lora != NONE_LORA:
-                existing, deltas, previous_steps = load_existing(
+                existing, deltas, previous_steps, state = load_existing(
                     existing_lora, task, DTYPES[config.lora_dtype])
             result = train(task, samples, config, existing=existing, existing_deltas=deltas,
-                           on_step=on_step)
+                           on_step=on_step, resume=state, validation=validation,
+                           on_checkpoint=writer, on_preview=previews)
         total_steps = steps + previous_steps
-        adapter = next(iter(result.adapters.values()))
-        model_config = getattr(model.model, "model_config", None)
-        metadata = training_metadata(
-            result.config, steps=total_steps, algorithm=type(adapter).NAME,
-            rank=getattr(adapter, "rank", config.rank),
-            alpha=getattr(adapter, "alpha", config.adapter_alpha), batch_size=result.batch_size,
-            base_model=type(model_config or model.model).__name__, version=__version__)
+        metadata = run_metadata(result.config, steps=total_steps, adapters=result.adapters,
+                                batch_size=result.batch_size, model=model)
         lora = LoraWeights(result.lora, metadata)
         trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
-        return io.NodeOutput(trained, lora, {"loss": result.losses}, total_steps)
+        loss = {"loss": result.losses}
+        if result.validation:
+            loss["validation"] = [[step, value] for step, value in result.validation]
+        grid = previews.grid() if previews is not None else blank_image()
+        return io.NodeOutput(trained, lora, loss, total_steps, grid)
 
 
-def options_values(options) -> dict:
-    """The option values a LORALAB_OPTIONS socket carries (a dict; None: none)."""
+def validation_data(task: ComfyTask, config, inputs: dict) -> Validation | None:
+    """The validation data of Training Options' inputs: held-out latents with their
+    conditioning, or None (the loop then validates on the training latents)."""
+    latents, conditioning = inputs.get("validation_latents"), inputs.get("validation_conditioning")
+    if not config.validation_every or (latents is None and conditioning is None):
+        return None
+    if latents is None or conditioning is None:
+        missing = "validation_conditioning" if conditioning is None else "validation_latents"
+        raise ValueError(
+            f"Validation data needs both validation_latents and validation_conditioning; "
+            f"{missing} is not connected. Connect it, or disconnect both to validate on the "
+            "training latents.")
+    samples = latents.get("samples") if isinstance(latents, dict) else None
+    if not isinstance(samples, torch.Tensor):
+        raise ValueError("validation_latents must be a LATENT; connect VAE Encode or Load "
+                         "Latent.")
+    return Validation(task.for_data(conditioning, samples), samples)
+
+
+def options_values(options) -> tuple[dict, dict]:
+    """The option values and the data inputs (VAE, conditioning, latents) a LORALAB_OPTIONS
+    socket carries (a dict; None: none)."""
     if options is None:
-        return {}
-    if not isinstance(options, dict) or any(k not in OPTIONS_FIELDS for k in options):
+        return {}, {}
+    if not isinstance(options, dict) or any(
+            k not in OPTIONS_FIELDS and k not in SOCKETS for k in options):
         raise ValueError(
             "options must come from a Training Options node (LORALAB_OPTIONS); connect one or "
             "leave the input empty.")
-    return dict(options)
+    return ({k: v for k, v in options.items() if k in OPTIONS_FIELDS},
+            {k: v for k, v in options.items() if k in SOCKETS})

@@ -48,9 +48,10 @@ def test_algorithm_lists_lora_first_and_only_registered_algorithms():
 
 
 def test_outputs():
+    """The contract's four outputs in order, then the previews grid."""
     assert [(k, d) for _, k, d, _ in TRAIN_OUTPUTS] == [
         ("MODEL", "model_with_lora"), ("LORA_MODEL", "lora"), ("LOSS_MAP", "loss"),
-        ("INT", "steps")]
+        ("INT", "steps"), ("IMAGE", "previews")]
     ids = [i for i, *_ in TRAIN_OUTPUTS]
     assert not set(ids) & {n for n, *_ in TRAIN_INPUTS}, "an output id equals an input id"
     assert all(tip for *_, tip in TRAIN_OUTPUTS)

@@ -167,7 +167,6 @@ def test_a_pattern_that_selects_nothing_names_real_layers(field, pattern, match)
 
 
 @pytest.mark.parametrize("values,match", [
-    (dict(steps=4, warmup_steps=4), "warmup_steps=4 is not shorter than the run"),
     (dict(include="(attn"), "include='\\(attn' is not a valid regular expression"),
     (dict(lr_schedule="exponential"), "lr_schedule='exponential' is not available"),
     (dict(ema_decay=1.0), "ema_decay=1.0 is out of range"),
@@ -179,6 +178,15 @@ def test_a_pattern_that_selects_nothing_names_real_layers(field, pattern, match)
 def test_bad_option_values_are_value_errors(values, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**values)
+
+
+def test_warm_up_longer_than_the_run_is_refused_by_the_run_not_the_options():
+    """Training Options does not know the steps (Train LoRA's widget, a resumed run's earlier
+    steps): a long warm-up is valid there, and refused by a run it does not fit."""
+    TrainConfig(warmup_steps=25)  # what a Training Options node checks
+    task, latents = make_task("unet", count=2)
+    with pytest.raises(ValueError, match="warmup_steps=4 is not shorter than the run"):
+        train(task, latents, TrainConfig(steps=4, warmup_steps=4, **FP32))
 
 
 # -- one declaration ----------------------------------------------------------------------------

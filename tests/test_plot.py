@@ -92,6 +92,17 @@ def test_extra_series_get_their_own_colour_and_scale():
     assert np.nonzero(orange)[0].mean() < np.nonzero(blue)[0].mean(), "larger values sit higher"
 
 
+def test_a_validation_series_of_step_value_pairs_sits_at_its_steps():
+    """{"validation": [[step, value], ...]} is drawn at its own steps of the loss's axis."""
+    loss = [1.0] * 20
+    img = render_loss_plot({"loss": loss, "validation": [[10, 0.5], [20, 0.5]]}, 0.0, False,
+                           W, H)
+    columns = np.nonzero(plot_mask(img, ORANGE).any(axis=0))[0]
+    assert columns.size
+    first, last = column_of_step(10, 20), column_of_step(20, 20)
+    assert abs(columns.min() - first) <= 3 and abs(columns.max() - last) <= 3
+
+
 def test_log_scale_spaces_decades_evenly_and_skips_non_positive():
     values = [1.0, 0.1, 0.01, 0.001, 0.0, -1.0, 0.0001]
     img = render_loss_plot({"loss": values}, 0.0, True, W, H)

@@ -19,3 +19,14 @@ class EpochSampler:
             self._pending = torch.cat([self._pending, epoch])
         taken, self._pending = self._pending[:n], self._pending[n:]
         return taken
+
+    def pending(self) -> torch.Tensor:
+        """The indices of the current epoch not taken yet (for a training state)."""
+        return self._pending.clone()
+
+    def restore(self, pending: torch.Tensor) -> None:
+        if pending.numel() and (int(pending.min()) < 0 or int(pending.max()) >= self.count):
+            raise ValueError(
+                f"The training state's data order indexes samples up to {int(pending.max())}; "
+                f"this run has {self.count}. Resume with the same dataset.")
+        self._pending = pending.to(torch.long).clone()

@@ -17,10 +17,6 @@ _TYPES = {"INT": int, "FLOAT": float, "BOOLEAN": bool, "COMBO": str, "STRING": s
 def _validate(self) -> None:
     for option in DECLARED:
         option.check(getattr(self, option.name))
-    if self.warmup_steps >= self.steps and self.warmup_steps > 0:
-        raise ValueError(
-            f"warmup_steps={self.warmup_steps} is not shorter than the run (steps="
-            f"{self.steps}); use fewer warm-up steps or more steps.")
     optimizer = OPTIMIZERS[self.optimizer]
     if self.lora_plus_ratio != 1.0 and optimizer.one_lr:
         raise ValueError(

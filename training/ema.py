@@ -27,3 +27,9 @@ class EMA:
     def copy_to_params(self) -> None:
         for shadow, param in zip(self.shadow, self.params):
             param.copy_(shadow)
+
+    @torch.no_grad()
+    def load(self, shadow: list[torch.Tensor]) -> None:
+        """Continue from a saved shadow (a training state's)."""
+        for mine, saved in zip(self.shadow, shadow):
+            mine.copy_(saved)

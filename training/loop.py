@@ -9,6 +9,12 @@ a step happen before it is split into micro-batches, 4 samples x 1 micro-batch a
 Before the first step, one forward of the first batch (without a graph) checks that the
 latents and conditioning fit the model and finds the blocks that write into their inputs in
 place (:mod:`.inplace`); it draws nothing from the run's generator.
+
+After an optimizer step, when the options ask for them: a validation loss (fixed draws from
+their own generator), a checkpoint (the LoRA as the run would return it now, and the
+:class:`~.state.TrainingState` that continues it exactly), a preview (``on_preview``, with the
+returned weights in place and the global RNG forked). None of them draws from the run's
+generator or leaves the trained weights changed, so they do not alter the result.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ from .checkpointing import checkpoint_blocks, checkpointed
 from .inplace import checkpointable, find_mutating_blocks, inplace_patches
 from .config import DTYPES, TrainConfig
 from .ema import EMA
+from .state import (
+    MUST_MATCH as STATE_OPTIONS, TrainingState, check_options, load_modules, load_optimizer, module_tensors, optimizer_tensors,
+)
 from .task import DiffusionTask
 
 log = logging.getLogger(__name__)
@@ -45,11 +54,23 @@ log = logging.getLogger(__name__)
 class StepReport:
     """What a run reports after each optimizer step (to ``on_step``)."""
 
-    step: int
-    total: int
+    step: int  # optimizer steps done, a resumed run's earlier steps included
+    total: int  # the steps the run will have done at its end
     loss: float  # the mean of the step's micro-batch losses
     learning_rate: float  # the learning rate this step used (LoRA+ up factors: x the ratio)
     adapters: Mapping[str, Adapter]  # the live adapters (read them, do not change them)
+    validation: float | None = None  # the validation loss, on the steps it is computed
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a run hands ``on_checkpoint`` every ``checkpoint_every`` steps."""
+
+    step: int  # optimizer steps done, a resumed run's earlier steps included
+    lora: dict[str, torch.Tensor]  # the LORA_MODEL the run would return if it ended now
+    state: TrainingState  # what continues the run exactly
+    config: TrainConfig  # the run's configuration, "auto" choices resolved
+    adapters: Mapping[str, Adapter]  # the live adapters (their algorithm, rank and alpha)
 
 
 StepCallback = Callable[[StepReport], None]
@@ -66,6 +87,8 @@ class TrainResult:
     adapters: dict[str, Adapter]
     batch_size: int  # the batch size actually used
     config: TrainConfig  # the run's configuration, "auto" choices resolved for the model
+    validation: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (step, loss)
+    previous_steps: int = 0  # the steps of the training state this run resumed
 
 
 def check_latents(latents: torch.Tensor) -> None:
@@ -143,6 +166,32 @@ def objective_of(task: DiffusionTask, config: TrainConfig) -> Objective:
     return Objective(task, config, can_drop_captions=getattr(task, "can_drop_captions", False))
 
 
+def fixed_draws(objective: Objective, dataset: torch.Tensor, draws: int, seed: int):
+    """``draws`` (sample, noise, noise level) triples from their own generator, the noise
+    levels stratified: the same on every call, whatever the run's generator did."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = torch.arange(draws) % dataset.shape[0]
+    return samples, objective.draw(dataset[samples].shape, generator)
+
+
+def mean_loss(task: DiffusionTask, objective: Objective, dataset: torch.Tensor,
+              samples: torch.Tensor, drawn: StepDraws, batch: int = 8) -> float:
+    """The mean loss of fixed draws, without a graph (the network's patches as they are)."""
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(samples), batch):
+            part = slice(start, start + batch)
+            total += float(sample_losses(
+                task, objective, dataset, samples[part], drawn.part(part)).sum())
+    return total / len(samples)
+
+
+def evaluation_objective(task: DiffusionTask, config: TrainConfig) -> Objective:
+    """The objective without caption dropout (every sample with its own conditioning: dropout
+    is a training device) and with stratified noise levels (an even cover for fewer draws)."""
+    return objective_of(task, dataclasses.replace(config, caption_dropout=0.0, stratified=True))
+
+
 def evaluate(
     task: DiffusionTask,
     latents: torch.Tensor,
@@ -156,20 +205,31 @@ def evaluate(
 
     The draws come from their own generator, so before/after comparisons see the same ones.
     """
-    generator = torch.Generator().manual_seed(seed)
-    # every sample with its own conditioning: dropout is a training device
-    objective = objective_of(task, dataclasses.replace(config, caption_dropout=0.0))
+    objective = evaluation_objective(task, config)
     dataset = task.prepare_latents(latents).float().cpu()
-    samples = torch.arange(draws) % dataset.shape[0]
-    drawn = objective.draw(dataset[samples].shape, generator)
+    samples, drawn = fixed_draws(objective, dataset, draws, seed)
     patches = adapter_patches(task.network, adapters or {})
-    total = 0.0
-    with torch.no_grad(), task.session(ForwardPatches(patches)):
-        for start in range(0, draws, 8):
-            part = slice(start, start + 8)
-            total += float(sample_losses(
-                task, objective, dataset, samples[part], drawn.part(part)).sum())
-    return total / draws
+    with task.session(ForwardPatches(patches)):
+        return mean_loss(task, objective, dataset, samples, drawn)
+
+
+@dataclass
+class Validation:
+    """The data a run's validation loss is computed on: ``task`` shares the trained network
+    (the training task itself, or its ``for_data`` view of other latents and conditioning)."""
+
+    task: DiffusionTask
+    latents: torch.Tensor
+    draws: int = 32
+    seed: int = 0
+
+    def prepare(self, config: TrainConfig):
+        check_latents(self.latents)
+        objective = evaluation_objective(self.task, config)
+        dataset = self.task.prepare_latents(self.latents).float().cpu()
+        samples, drawn = fixed_draws(objective, dataset, max(self.draws, dataset.shape[0]),
+                                     self.seed)
+        return lambda: mean_loss(self.task, objective, dataset, samples, drawn)
 
 
 def train(
@@ -180,20 +240,60 @@ def train(
     existing: Mapping[str, Adapter] | None = None,
     existing_deltas: Mapping[str, NormDelta] | None = None,
     on_step: StepCallback | None = None,
+    resume: TrainingState | None = None,
+    validation: Validation | None = None,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
+    on_preview: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train adapters on ``latents`` and return the LoRA, the losses and the adapters.
 
-    ``existing`` (and ``existing_deltas``, its file's norm/bias deltas) continue a LoRA; a
-    new one gets deltas when ``train_norm_bias`` is on."""
+    ``existing`` (and ``existing_deltas``, its file's norm/bias deltas) continue a LoRA from
+    its weights; ``resume`` continues the run of a training state exactly (its adapters are
+    recreated as that run made them). A new LoRA gets deltas when ``train_norm_bias`` is on.
+    ``validation`` (default: the training latents) is evaluated every ``validation_every``
+    steps; ``on_checkpoint`` gets a :class:`Checkpoint` every ``checkpoint_every`` steps and
+    ``on_preview`` the step number every ``preview_every`` steps and at the end."""
     check_latents(latents)
+    if existing is not None and resume is not None:
+        raise ValueError("Give existing adapters or a training state to resume, not both.")
     with torch.inference_mode(False), torch.enable_grad():
-        return _train(task, latents.clone(), config, existing, existing_deltas, on_step)
+        return _train(task, latents.clone(), config, existing, existing_deltas, on_step,
+                      resume, validation, on_checkpoint, on_preview)
 
 
-def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainResult:
+@contextlib.contextmanager
+def returned_weights(params: list[torch.Tensor], ema: EMA | None,
+                     optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """The weights the run would return if it ended now (the EMA, a schedule-free
+    optimizer's averaged point) in place of the trained ones; those are restored bit for bit
+    afterwards (from a copy, not by reversing the arithmetic)."""
+    modes = [group["train_mode"] for group in optimizer.param_groups if "train_mode" in group]
+    if ema is None and not any(modes):
+        yield
+        return
+    saved = [p.detach().clone() for p in params]
+    if ema is not None:
+        ema.copy_to_params()
+    set_training(optimizer, False)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, copy in zip(params, saved):
+                p.copy_(copy)
+        for group in optimizer.param_groups:
+            if "train_mode" in group:
+                group["train_mode"] = True
+
+
+def _train(task, latents, config, existing, existing_deltas, on_step, resume, validation,
+           on_checkpoint, on_preview) -> TrainResult:
     generator = torch.Generator().manual_seed(config.seed)
     objective = objective_of(task, config)
     lora_dtype = DTYPES[config.lora_dtype]
+    count = latents.shape[0]
+    if resume is not None:
+        check_options(resume.info, config, count)
     if existing is None:
         targets = find_targets(
             task.network, config.target_layers, config.include, config.exclude)
@@ -203,6 +303,9 @@ def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainRe
         deltas = create_norm_deltas(task.network, lora_dtype) if config.train_norm_bias else {}
     else:
         adapters, deltas = dict(existing), dict(existing_deltas or {})
+    if resume is not None:
+        load_modules("adapter", adapters, resume.tensors, "adapters")
+        load_modules("delta", deltas, resume.tensors, "norm/bias deltas")
     trained = [*adapters.values(), *deltas.values()]
     for module in trained:
         module.compute_dtype = lora_dtype
@@ -213,9 +316,27 @@ def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainRe
     optimizer = make_optimizer(
         config.optimizer, parameter_groups(trained, config), config.learning_rate,
         weight_decay=config.weight_decay)
+    base_rates = [group["lr"] for group in optimizer.param_groups]
     ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
+    sampler = EpochSampler(count, generator)
+    done = 0
+    if resume is not None:
+        load_optimizer(optimizer, resume.tensors, resume.info["optimizer"])
+        if ema is not None:
+            ema.load([resume.tensors[f"ema.{i}"] for i in range(len(params))])
+        generator.set_state(resume.tensors["generator"])
+        sampler.restore(resume.tensors["sampler.pending"])
+        done = resume.step
+        if resume.planned != done + config.steps:
+            log.info("The resumed schedule was planned over %d steps; it now spans %d (%d done "
+                     "+ %d).", resume.planned, done + config.steps, done, config.steps)
+    total = done + config.steps
+    if config.warmup_steps and config.warmup_steps >= total:
+        raise ValueError(
+            f"warmup_steps={config.warmup_steps} is not shorter than the run (steps="
+            f"{total}{f', {done} of them resumed' if done else ''}); use fewer warm-up steps "
+            "or more steps.")
 
-    count = latents.shape[0]
     batch_size = config.batch_size
     if batch_size > count:
         log.warning(
@@ -224,20 +345,38 @@ def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainRe
         batch_size = count
     accumulation = config.grad_accumulation_steps
     per_step = batch_size * accumulation
-    sampler = EpochSampler(count, generator)
     dataset = task.prepare_latents(latents).float().cpu()
+    validate = None
+    if config.validation_every > 0:
+        validate = (validation or Validation(task, latents)).prepare(config)
+
+    def state() -> TrainingState:
+        tensors = {**module_tensors("adapter", adapters), **module_tensors("delta", deltas)}
+        optimizer_state, optimizer_info = optimizer_tensors(optimizer)
+        tensors.update(optimizer_state)
+        if ema is not None:
+            tensors.update({f"ema.{i}": s.clone() for i, s in enumerate(ema.shadow)})
+        tensors["generator"] = generator.get_state()
+        tensors["sampler.pending"] = sampler.pending()
+        options = {name: getattr(config, name) for name in STATE_OPTIONS}
+        return TrainingState(step, total, tensors, {
+            "options": options, "optimizer": optimizer_info, "latents": count})
+
+    def due(every: int, at_end: bool) -> bool:
+        return every > 0 and (step % every == 0 or (at_end and step == total))
 
     losses: list[float] = []
+    validated: list[tuple[int, float]] = []
     # deltas after adapters: OFT/BOFT rotate base(x) - bias, a bias delta must stay outside
     adapted = ForwardPatches(
         adapter_patches(task.network, adapters) + adapter_patches(task.network, deltas))
     with frozen(task.network), task.session(adapted), \
             ForwardPatches(run_patches(task, objective, dataset, batch_size, config)), \
-            tqdm(total=config.steps, desc="Train LoRA", unit="step", mininterval=1.0) as progress:
+            tqdm(total=total, initial=done, desc="Train LoRA", unit="step",
+                 mininterval=1.0) as progress:
         set_training(optimizer, True)
-        base_rates = [group["lr"] for group in optimizer.param_groups]
-        for step in range(1, config.steps + 1):
-            factor = schedule.factor(step, config)
+        for step in range(done + 1, total + 1):
+            factor = schedule.factor(step, config, total)
             for group, rate in zip(optimizer.param_groups, base_rates):
                 group["lr"] = rate * factor
             samples = sampler.take(per_step)
@@ -262,20 +401,41 @@ def _train(task, latents, config, existing, existing_deltas, on_step) -> TrainRe
             if ema is not None:
                 ema.update()
             losses.append(value)
+            validation_loss = None
+            if validate is not None and due(config.validation_every, True):
+                with returned_weights(params, ema, optimizer):
+                    validation_loss = validate()
+                validated.append((step, validation_loss))
+            if on_checkpoint is not None and due(config.checkpoint_every, False):
+                saved_state = state()
+                with returned_weights(params, ema, optimizer):
+                    lora = export(task, adapters, deltas)
+                on_checkpoint(Checkpoint(step, lora, saved_state, objective.config, adapters))
+            if on_preview is not None and due(config.preview_every, True):
+                devices = [task.device] if task.device.type == "cuda" else []
+                with returned_weights(params, ema, optimizer), torch.no_grad(), \
+                        torch.random.fork_rng(devices=devices):
+                    on_preview(step)
             progress.set_postfix(loss=f"{value:.4f}", refresh=False)
             progress.update(1)
             if on_step is not None:
-                on_step(StepReport(
-                    step, config.steps, value, config.learning_rate * factor, adapters))
+                on_step(StepReport(step, total, value, config.learning_rate * factor, adapters,
+                                   validation_loss))
         set_training(optimizer, False)  # schedule-free: the evaluation weights are the result
 
     if ema is not None:
         ema.copy_to_params()
     for p in params:
         p.requires_grad_(False)
-    lora = {**lora_state_dict(adapters, task.key_prefix),
+    return TrainResult(export(task, adapters, deltas), losses, adapters, batch_size,
+                       objective.config, validated, done)
+
+
+def export(task: DiffusionTask, adapters: Mapping[str, Adapter],
+           deltas: Mapping[str, NormDelta]) -> dict[str, torch.Tensor]:
+    """The LORA_MODEL dict of the adapters and deltas as they are now."""
+    return {**lora_state_dict(adapters, task.key_prefix),
             **lora_state_dict(deltas, task.key_prefix)}
-    return TrainResult(lora, losses, adapters, batch_size, objective.config)
 
 
 def parameter_groups(modules: Iterable[nn.Module], config) -> list[dict]:

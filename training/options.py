@@ -50,6 +50,7 @@ class Option:
     choices: Callable[[], Iterable[str]] | None = None
     ui: dict = field(default_factory=dict)  # extra widget settings (e.g. control_after_generate)
     kohya: str | None = None  # the kohya ``ss_*`` metadata key with the same meaning
+    text: str = "text"  # what a STRING option holds, for the README table
 
     def options(self) -> list[str]:
         return list(self.choices()) if self.choices is not None else []
@@ -176,9 +177,9 @@ DECLARED: tuple[Option, ...] = (
          choices=lambda: TARGET_LAYERS),
     _opt("include", "STRING", "", "Only layers whose name matches this regular expression "
          "(Python re.search on names like 'input_blocks.1.1.transformer_blocks.0.attn1.to_q'); "
-         "empty = no filter."),
+         "empty = no filter.", text="regular expression"),
     _opt("exclude", "STRING", "", "Leave out layers whose name matches this regular "
-         "expression; empty = none."),
+         "expression; empty = none.", text="regular expression"),
     _opt("train_norm_bias", "BOOLEAN", False, "Also train a full delta of every normalisation "
          "weight and every bias (what ComfyUI's own trainer does), saved as diff / diff_b "
          "keys that ComfyUI's loader applies."),
@@ -216,6 +217,31 @@ DECLARED: tuple[Option, ...] = (
          "empty_conditioning input instead of its own (the LoRA then also learns without "
          "its prompt); needs empty_conditioning when above 0.", low=0.0, high=1.0,
          step=0.01, kohya="ss_caption_dropout_rate"),
+    # -- long runs: checkpoints, validation, previews ------------------------------------
+    _opt("checkpoint_every", "INT", 0, "Every this many optimizer steps, save the LoRA into "
+         "the loras folder as <checkpoint_prefix>_<steps>_steps_<counter>_.safetensors (Save "
+         "LoRA's naming and metadata, never overwriting) with its training state beside it "
+         "(<name>.training_state). Pick such a file in existing_lora to continue the run "
+         "exactly. 0 = off.", low=0, high=100000),
+    _opt("checkpoint_prefix", "STRING", "", "Name (and subfolder) of the checkpoints in the "
+         "loras folder; empty = checkpoints/<model>_<algorithm>_r<rank>_seed<seed>.",
+         text="path inside the loras folder"),
+    _opt("keep_checkpoints", "INT", 0, "Keep only the newest this many checkpoints of this "
+         "run (older ones it wrote are deleted; files it did not write never are); 0 = keep "
+         "all.", low=0, high=10000),
+    _opt("validation_every", "INT", 0, "Every this many optimizer steps (and at the end), "
+         "compute a deterministic loss (fixed samples, noise and noise levels from their own "
+         "generator) on the validation_latents / validation_conditioning inputs, or on the "
+         "training latents without them; the loss output carries it as a 'validation' "
+         "series. 0 = off.", low=0, high=100000),
+    _opt("preview_every", "INT", 0, "Every this many optimizer steps (and at the end), sample "
+         "one image per preview_conditioning with the LoRA as it is, decode it with the vae "
+         "input, and show it while training runs; Train LoRA's previews output is the grid. "
+         "Needs vae and preview_conditioning. 0 = off.", low=0, high=100000),
+    _opt("preview_seed", "INT", 0, "Seed of the previews' noise (the same for every preview, "
+         "so they differ only by what the LoRA learned).", low=0, high=2**64 - 1),
+    _opt("preview_steps", "INT", 20, "Sampling steps of a preview (euler, simple schedule, "
+         "cfg 1).", low=1, high=200),
 )
 
 BY_NAME: dict[str, Option] = {option.name: option for option in DECLARED}
@@ -255,7 +281,7 @@ def markdown_table(node: str) -> str:
         elif option.kind in ("INT", "FLOAT"):
             values = option.range_text()
         else:
-            values = {"BOOLEAN": "true / false", "STRING": "regular expression"}[option.kind]
+            values = "true / false" if option.kind == "BOOLEAN" else option.text
         default = repr(option.default) if option.kind == "STRING" else str(option.default)
         rows.append(f"| `{option.name}` | {default} | {values} | {option.help} |")
     return "\n".join(rows)

@@ -1,7 +1,7 @@
 """The loss curve as an RGB image (numpy, no plotting library), and a minimal PNG writer.
 
 Handles every LOSS_MAP a run can produce: one value, a constant loss, NaN/Inf entries (drawn
-as gaps), extra series beside ``"loss"``, and a log scale (non-positive values skipped).
+as gaps), extra series beside ``"loss"`` (a validation series of (step, value) pairs), and a log scale (non-positive values skipped).
 """
 
 from __future__ import annotations
@@ -121,8 +121,10 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def _series(loss_map: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
-    """Each series of a LOSS_MAP as floats: lists of numbers or 0-d tensors, or 1-d tensors."""
+def _series(loss_map: Mapping[str, Sequence[float]]) -> dict[str, list[tuple[float, float]]]:
+    """Each series of a LOSS_MAP as (step, value) points: a list of numbers (or 0-d tensors,
+    or a 1-d tensor) is one value per step from 1; a list of (step, value) pairs (a
+    validation series) gives its own steps."""
     out = {}
     for name, values in (loss_map or {}).items():
         if hasattr(values, "tolist"):
@@ -132,11 +134,14 @@ def _series(loss_map: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
         if isinstance(values, (int, float)):
             values = [values]
         try:
-            floats = [float(v) for v in values]
+            if values and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in values):
+                points = [(float(x), float(v)) for x, v in values]
+            else:
+                points = [(float(i + 1), float(v)) for i, v in enumerate(values)]
         except (TypeError, ValueError):
             continue  # not a numeric series (e.g. a note stored beside the losses)
-        if floats:
-            out[str(name)] = floats
+        if points:
+            out[str(name)] = points
     return out
 
 
@@ -159,9 +164,9 @@ def render_loss_plot(
     pw, ph = width - left - right, height - top - bottom
     series = _series(loss_map)
     transform = (lambda v: math.log10(v) if v > 0 else float("nan")) if log_scale else (lambda v: v)
-    finite = [transform(v) for vals in series.values() for v in vals]
+    finite = [transform(v) for points in series.values() for _, v in points]
     finite = [v for v in finite if math.isfinite(v)]
-    steps = max((len(v) for v in series.values()), default=1)
+    steps = max((int(max(x for x, _ in points)) for points in series.values()), default=1)
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     if hi - lo < 1e-12 * max(1.0, abs(hi)):
         pad = abs(hi) * 0.1 or 1.0
@@ -199,14 +204,15 @@ def render_loss_plot(
         _text(img, left + pw // 2 - 6 * len(message), top + ph // 2 - 7, message, BLACK, 2)
 
     legend = []
-    for n, (name, vals) in enumerate(series.items()):
+    for n, (name, points) in enumerate(series.items()):
         color = PALETTE[n % len(PALETTE)]
         light = tuple(int(c + (255 - c) * 0.6) for c in color)
+        xs, vals = [x for x, _ in points], [v for _, v in points]
         curves = [(vals, light if smoothing > 0 else color, 1 if smoothing > 0 else 2)]
         if smoothing > 0:
             curves.append((ema(vals, smoothing), color, 2))
         for values, col, lw in curves:
-            pts = [(i + 1, transform(v)) for i, v in enumerate(values)]
+            pts = [(x, transform(v)) for x, v in zip(xs, values)]
             for (i0, v0), (i1, v1) in zip(pts, pts[1:]):
                 if math.isfinite(v0) and math.isfinite(v1):
                     _line(img, to_px(i0, v0), to_px(i1, v1), col, lw)

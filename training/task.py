@@ -39,6 +39,10 @@ class DiffusionTask(ModelFacts, Protocol):
     def session(self, patches: ForwardPatches) -> ContextManager:
         """Install ``patches`` on the network for the run and remove them afterwards."""
 
+    def for_data(self, conditioning, latents: torch.Tensor) -> "DiffusionTask":
+        """A view of this task (same network, same session) with other conditioning, one
+        entry per latent of ``latents`` (or, in ComfyUI, one for all): for validation data."""
+
 
 def discrete_vp_sigmas(
     steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
@@ -110,6 +114,14 @@ class TorchTask:
             context = context.clone()
             context[dropped.cpu()] = self.empty_context.to(context.dtype)
         return self.network(x_in, timestep, context.to(x_t.device))
+
+    def for_data(self, context: torch.Tensor, latents: torch.Tensor) -> "TorchTask":
+        """The same network and noise levels with other conditioning (one row per latent)."""
+        if context.shape[0] != latents.shape[0]:
+            raise ValueError(f"context holds {context.shape[0]} rows for {latents.shape[0]} "
+                             "latents; give one per latent.")
+        return TorchTask(self.network, self.prediction, self.sigmas, context, self.device,
+                         self.empty_context)
 
     @contextlib.contextmanager
     def session(self, patches: ForwardPatches) -> Iterator[None]:

@@ -42,7 +42,7 @@ def trained(node):
                   lora_dtype="fp32", algorithm="LoRA", gradient_checkpointing=False,
                   existing_lora="[None]")
     with torch.inference_mode():
-        _, lora, loss, steps = node("LoRALab_TrainLoRA").execute(
+        _, lora, loss, steps, _ = node("LoRALab_TrainLoRA").execute(
             model, {"samples": latents}, tiny_models.sd15_cond(seed=3), **values).result
     return model, lora, loss, steps
 
@@ -230,8 +230,10 @@ def test_load_dataset_trains_with_train_lora(node, dataset_dir):
                   lora_dtype="fp32", algorithm="LoRA", gradient_checkpointing=False,
                   existing_lora="[None]")
     with torch.inference_mode():
-        _, lora, loss, steps = node("LoRALab_TrainLoRA").execute(model, latents, positive, **values).result
+        _, lora, loss, steps, previews = node("LoRALab_TrainLoRA").execute(
+            model, latents, positive, **values).result
     assert steps == 2 and len(loss["loss"]) == 2 and lora
+    assert previews.shape == (1, 64, 64, 3) and not previews.any()  # previews off: blank
 
 
 def test_load_dataset_errors_name_the_problem(node, dataset_dir, comfy):

@@ -32,8 +32,9 @@ EXPECTED_INPUTS = [
     "learning_rate", "rank", "optimizer", "loss_function", "seed", "training_dtype",
     "lora_dtype", "algorithm", "gradient_checkpointing", "existing_lora",
 ]
-EXPECTED_OUTPUTS = ["MODEL", "LORA_MODEL", "LOSS_MAP", "INT"]
-EXPECTED_OUTPUT_NAMES = ["model_with_lora", "lora", "loss", "steps"]
+# the contract's four outputs, then the previews grid
+EXPECTED_OUTPUTS = ["MODEL", "LORA_MODEL", "LOSS_MAP", "INT", "IMAGE"]
+EXPECTED_OUTPUT_NAMES = ["model_with_lora", "lora", "loss", "steps", "previews"]
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,9 @@ def _check_object_info(server):
     options_node = server.get_json("/object_info/LoRALab_TrainingOptions")["LoRALab_TrainingOptions"]
     assert options_node["output"] == ["LORALAB_OPTIONS"]
     assert options_node["input"]["optional"]["options"][0] == "LORALAB_OPTIONS"
+    assert {name: spec[0] for name, spec in options_node["input"]["optional"].items()} == {
+        "options": "LORALAB_OPTIONS", "vae": "VAE", "preview_conditioning": "CONDITIONING",
+        "validation_latents": "LATENT", "validation_conditioning": "CONDITIONING"}
     assert list(node["output"]) == EXPECTED_OUTPUTS
     assert list(node["output_name"]) == EXPECTED_OUTPUT_NAMES
     required = node["input"]["required"]
@@ -167,3 +171,52 @@ def test_train_lora_through_http_server(server):
     except BaseException:
         print(f"--- ComfyUI server log tail ({server.log_path}) ---\n{server.log_tail()}")
         raise
+
+
+def _run(server, prompt):
+    status, body = server.request("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+    assert status == 200, f"POST /prompt -> {status}: {body.decode(errors='replace')}"
+    entry = server.wait_for_history(json.loads(body)["prompt_id"])
+    assert entry["status"]["status_str"] == "success", \
+        "prompt failed:\n" + json.dumps(entry["status"].get("messages"), indent=1)[:6000]
+    return entry
+
+
+def test_checkpoints_validation_and_resume_through_http_server(server):
+    """Checkpoints land in the loras folder with their state, the validation series reaches
+    core's Plot Loss, the previews output feeds Preview Image, and a second prompt resumes
+    from a checkpoint picked in existing_lora."""
+    try:
+        info = server.get_json("/object_info/LoRALab_TrainingOptions")["LoRALab_TrainingOptions"]
+        options = {name: spec[1]["default"] for name, spec in info["input"]["required"].items()}
+        options.update(checkpoint_every=2, checkpoint_prefix="server_ckpt/run",
+                       validation_every=1, warmup_steps=1, ema_decay=0.5)
+        prompt = _prompt(core_save_lora(server.get_json("/object_info")))
+        prompt["4"]["inputs"].update(steps=4, options=["9", 0])
+        prompt["9"] = {"class_type": "LoRALab_TrainingOptions", "inputs": options}
+        prompt["10"] = {"class_type": "PreviewImage", "inputs": {"images": ["4", 4]}}
+        prompt["5"]["inputs"]["prefix"] = "loras/lora_lab_server_long"
+        _run(server, prompt)
+        folder = os.path.join(server.base, "models", "loras", "server_ckpt")
+        assert sorted(os.listdir(folder)) == [
+            "run_2_steps_00001_.safetensors", "run_2_steps_00001_.training_state",
+            "run_4_steps_00002_.safetensors", "run_4_steps_00002_.training_state"]
+
+        resume = _prompt(core_save_lora(server.get_json("/object_info")))
+        resume["4"]["inputs"].update(steps=2, options=["9", 0],
+                                     existing_lora="server_ckpt/run_2_steps_00001_.safetensors")
+        options.update(checkpoint_every=0, validation_every=0)
+        resume["9"] = {"class_type": "LoRALab_TrainingOptions", "inputs": options}
+        resume["5"]["inputs"]["prefix"] = "loras/lora_lab_server_resumed"
+        _run(server, resume)
+        out = os.path.join(server.base, "output", "loras")
+        [resumed] = glob.glob(os.path.join(out, "lora_lab_server_resumed*.safetensors"))
+        assert "_4_steps_" in os.path.basename(resumed)  # 2 resumed + 2 new steps
+        direct = load_file(os.path.join(folder, "run_4_steps_00002_.safetensors"))
+        again = load_file(resumed)
+        assert direct.keys() == again.keys()
+        assert all(torch.equal(direct[k], again[k]) for k in direct)
+    except BaseException:
+        print(f"--- ComfyUI server log tail ({server.log_path}) ---\n{server.log_tail()}")
+        raise
+

@@ -25,6 +25,11 @@ def family_case(family):
 
 
 def run_train(node, model, latents, positive, **overrides):
+    """Train LoRA's four outputs of the contract (``run_train_all``: with the previews)."""
+    return run_train_all(node, model, latents, positive, **overrides)[:4]
+
+
+def run_train_all(node, model, latents, positive, **overrides):
     values = dict(batch_size=2, grad_accumulation_steps=1, steps=4, learning_rate=1e-3, rank=4,
                   optimizer="AdamW", loss_function="MSE", seed=0, training_dtype="fp32",
                   lora_dtype="fp32", algorithm="LoRA", gradient_checkpointing=True,
