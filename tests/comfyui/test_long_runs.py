@@ -201,6 +201,24 @@ def test_previews_do_not_change_the_result_and_follow_the_lora(
                   options=make_options(options_node, preview_every=1))
 
 
+def test_previews_decode_with_a_real_comfyui_vae(train_node, options_node, comfy):
+    """ComfyUI's own VAE class (SD1.x layout, random weights) decodes the previews; the run
+    is still bit-identical to one without previews."""
+    from tiny_models import tiny_sd_vae
+
+    model, latents, positive, _ = family_case("sd15")
+    vae = tiny_sd_vae()
+    previewing = make_options(options_node, preview_every=2, preview_steps=2, vae=vae,
+                              preview_conditioning=positive)
+    _, lora, _, _, grid = run_train_all(train_node, model, latents, positive, steps=2,
+                                        options=previewing)
+    _, plain, _, _ = run_train(train_node, model, latents, positive, steps=2)
+    assert same(lora, plain)
+    h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
+    assert grid.shape == (1, h, w, 3) and torch.isfinite(grid).all()
+    assert float(grid.std()) > 0  # an image, not a blank
+
+
 def test_validation_series_is_deterministic_and_decreases(train_node, options_node, comfy):
     model, latents, positive, _ = family_case("sd15")
     chosen = make_options(options_node, validation_every=5)

@@ -160,3 +160,34 @@ def unet_state_dict(config, seed=0):
     sd = _fill_state_dict(net, seed)
     del net
     return sd
+
+
+def tiny_sd_vae(seed=0):
+    """A real ComfyUI ``comfy.sd.VAE`` of the SD1.x layout (its own Encoder and Decoder
+    classes, ~84M random weights: detection fixes the widths), loaded from a state dict as
+    VAELoader does. Decodes ``[B, 4, h, w]`` latents to ``[B, 8h, 8w, 3]`` images."""
+    import torch
+
+    import comfy.sd
+    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+    config = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
+              "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+              "attn_resolutions": [], "dropout": 0.0}
+    with torch.device("meta"):
+        parts = {"encoder": Encoder(**config), "decoder": Decoder(**config)}
+    shapes = {f"{prefix}.{k}": tuple(v.shape) for prefix, module in parts.items()
+              for k, v in module.state_dict().items()}
+    shapes.update({"quant_conv.weight": (8, 8, 1, 1), "quant_conv.bias": (8,),
+                   "post_quant_conv.weight": (4, 4, 1, 1), "post_quant_conv.bias": (4,)})
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in shapes.items():
+        if name.endswith("bias"):
+            sd[name] = torch.zeros(shape)
+        elif len(shape) == 1:  # norm scales
+            sd[name] = torch.ones(shape)
+        else:
+            fan_in = max(1, int(torch.tensor(shape[1:]).prod()))
+            sd[name] = torch.randn(shape, generator=gen) / fan_in ** 0.5
+    return comfy.sd.VAE(sd=sd)
