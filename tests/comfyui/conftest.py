@@ -160,5 +160,20 @@ def train_node(pack_nodes):
     return pack_nodes["LoRALab_TrainLoRA"]
 
 
+@pytest.fixture
+def loras_dir(comfy, tmp_path):
+    """A fresh first loras folder (as a user's models/loras)."""
+    import folder_paths
+
+    folder = str(tmp_path / "loras")
+    os.makedirs(folder)
+    saved = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([folder] + list(saved[0]), saved[1])
+    folder_paths.get_filename_list("loras")  # warm the cache: the save must refresh it
+    yield folder
+    folder_paths.folder_names_and_paths["loras"] = saved
+    folder_paths.filename_list_cache.pop("loras", None)
+
+
 # The shared ComfyUI HTTP server fixture (``comfy_server``, session scope).
 from comfy_server import comfy_server  # noqa: E402,F401

@@ -17,19 +17,6 @@ def node(pack_nodes):
     return pack_nodes.__getitem__
 
 
-@pytest.fixture
-def loras_dir(comfy, tmp_path):
-    """A fresh first loras folder (as a user's models/loras)."""
-    import folder_paths
-
-    folder = str(tmp_path / "loras")
-    os.makedirs(folder)
-    saved = folder_paths.folder_names_and_paths["loras"]
-    folder_paths.folder_names_and_paths["loras"] = ([folder] + list(saved[0]), saved[1])
-    folder_paths.get_filename_list("loras")  # warm the cache: the save must refresh it
-    yield folder
-    folder_paths.folder_names_and_paths["loras"] = saved
-    folder_paths.filename_list_cache.pop("loras", None)
 
 
 @pytest.fixture(scope="module")

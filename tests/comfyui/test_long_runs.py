@@ -13,21 +13,6 @@ from test_train_node import family_case, run_train, run_train_all
 EVERYTHING = dict(warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1, ema_decay=0.9)
 
 
-@pytest.fixture
-def loras_dir(comfy, tmp_path):
-    """A fresh first loras folder (as a user's models/loras)."""
-    import folder_paths
-
-    folder = str(tmp_path / "loras")
-    os.makedirs(folder)
-    saved = folder_paths.folder_names_and_paths["loras"]
-    folder_paths.folder_names_and_paths["loras"] = ([folder] + list(saved[0]), saved[1])
-    folder_paths.filename_list_cache.pop("loras", None)
-    yield folder
-    folder_paths.folder_names_and_paths["loras"] = saved
-    folder_paths.filename_list_cache.pop("loras", None)
-
-
 @pytest.fixture(scope="module")
 def options_node(pack_nodes):
     return pack_nodes["LoRALab_TrainingOptions"]
