@@ -549,7 +549,7 @@ def train_lab(base, latents, positive, args, steps: int, seed: int, options: dic
         positive=positive, options=dict(options)))
     torch.manual_seed(seed)
     started = time.perf_counter()
-    model, lora, loss, _ = run_node(TrainLoRA, values)
+    model, lora, loss = run_node(TrainLoRA, values)[:3]
     seconds = time.perf_counter() - started
     return Trained(model, lora_bytes(lora), seconds, [float(v) for v in loss["loss"]])
 

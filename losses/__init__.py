@@ -19,9 +19,18 @@ LOSSES = {
 }
 
 
-def per_sample_loss(name: str, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The loss of each sample (mean over its elements), computed in float32."""
-    return LOSSES[name](prediction.float(), target.float()).flatten(1).mean(dim=1)
+def per_sample_loss(name: str, prediction: torch.Tensor, target: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of each sample (mean over its elements), computed in float32.
+
+    ``mask`` (broadcastable to the prediction, one per sample, >= 0) weights the elements:
+    each sample's loss is then the mask-weighted mean, so a zero region adds nothing (and
+    gets no gradient) and the loss keeps the scale of an unmasked one."""
+    elementwise = LOSSES[name](prediction.float(), target.float())
+    if mask is None:
+        return elementwise.flatten(1).mean(dim=1)
+    weights = mask.to(elementwise.device, torch.float32).expand_as(elementwise)
+    return (elementwise * weights).flatten(1).sum(dim=1) / weights.flatten(1).sum(dim=1)
 
 
 __all__ = ["LOSSES", "TARGETS", "add_noise", "per_sample_loss", "target_by_inversion"]

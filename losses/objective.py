@@ -256,16 +256,30 @@ class Objective:
     def draw(self, shape: torch.Size, generator: torch.Generator) -> StepDraws:
         """Noise, noise levels and caption drops of ``shape[0]`` samples, all from
         ``generator``; offsets and drops are drawn only when their option is on."""
-        count = shape[0]
-        noise = torch.randn(shape, generator=generator)
-        sigmas = self.sample_sigmas(count, generator)
+        return self.draw_groups([shape], generator)[0]
+
+    def draw_groups(self, shapes: list[torch.Size], generator: torch.Generator) -> list[StepDraws]:
+        """The draws of one optimizer step whose samples come in groups of different latent
+        sizes (``shapes``, one per micro-batch): the noise of each group in turn, then the
+        noise levels of all the step's samples at once (so ``stratified`` covers the step),
+        then the offsets, then the drops. One group draws exactly what :meth:`draw` does."""
+        counts = [shape[0] for shape in shapes]
+        noises = [torch.randn(shape, generator=generator) for shape in shapes]
+        sigmas = self.sample_sigmas(sum(counts), generator)
         if self.config.noise_offset > 0:
-            offset = torch.randn((*shape[:2], *[1] * (len(shape) - 2)), generator=generator)
-            noise = noise + self.config.noise_offset * offset
+            for i, shape in enumerate(shapes):
+                offset = torch.randn((*shape[:2], *[1] * (len(shape) - 2)), generator=generator)
+                noises[i] = noises[i] + self.config.noise_offset * offset
         dropped = None
         if self.config.caption_dropout > 0:
-            dropped = torch.rand(count, generator=generator) < self.config.caption_dropout
-        return StepDraws(noise, sigmas, dropped)
+            dropped = torch.rand(sum(counts), generator=generator) < self.config.caption_dropout
+        draws, start = [], 0
+        for noise, count in zip(noises, counts):
+            part = slice(start, start + count)
+            draws.append(StepDraws(noise, sigmas[part],
+                                   None if dropped is None else dropped[part]))
+            start += count
+        return draws
 
     # -- noising, target, loss ----------------------------------------------------------------
     def target(self, x0, noise, sigma, x_t) -> torch.Tensor:
@@ -281,11 +295,12 @@ class Objective:
     def losses(
         self, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each sample's weighted loss: noise ``x0`` at ``sigma``, run ``predict(x_t, sigma)``
-        and compare with the native target."""
+        and compare with the native target (element-weighted by ``mask`` if given)."""
         x_t = self.task.add_noise(x0, noise, sigma)
         prediction = predict(x_t, sigma)
         target = self.target(x0, noise, sigma, x_t)
-        loss = per_sample_loss(self.config.loss_function, prediction, target)
+        loss = per_sample_loss(self.config.loss_function, prediction, target, mask)
         return loss * self.weights(sigma).to(loss.device)

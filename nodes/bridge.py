@@ -49,6 +49,12 @@ def prediction_kind(model_sampling) -> str | None:
     return "eps"
 
 
+def sample_latents(latents) -> list[torch.Tensor]:
+    """Every sample of ``latents`` (a tensor or a list of batches) as a ``[1, ...]`` view."""
+    batches = [latents] if isinstance(latents, torch.Tensor) else list(latents)
+    return [batch[i:i + 1] for batch in batches for i in range(batch.shape[0])]
+
+
 def expand_conditioning(positive, count: int) -> list:
     """One conditioning entry per latent: a single one is repeated."""
     if not isinstance(positive, (list, tuple)) or not positive:
@@ -74,9 +80,11 @@ class ComfyTask:
 
     key_prefix = "diffusion_model."
 
-    def __init__(self, patcher, positive, latents: torch.Tensor, training_dtype: str = "bf16",
+    def __init__(self, patcher, positive, latents, training_dtype: str = "bf16",
                  empty=None) -> None:
-        """``empty``: the CONDITIONING of an empty prompt, which caption dropout trains with."""
+        """``latents``: a tensor ``[N, C, ...]`` or a list of batches of any sizes, one
+        conditioning entry per sample in ``positive`` (or one for all); ``empty``: the
+        CONDITIONING of an empty prompt, which caption dropout trains with."""
         self.positive_count = len(positive) if isinstance(positive, (list, tuple)) else 0
         self.patcher = patcher
         self.base = patcher.model
@@ -89,8 +97,8 @@ class ComfyTask:
         self._outputs: list[torch.Tensor] = []
         self._recording = True
         self.sample_conds = self._encode_conditioning(positive, latents)
-        self.empty_cond = self._encode_empty(empty, latents) if empty is not None else None
-        self.can_drop_captions = self.empty_cond is not None
+        self.empty_conds = self._encode_empty(empty, latents) if empty is not None else None
+        self.can_drop_captions = self.empty_conds is not None
         self._set_compute_dtype(training_dtype)
 
     def _set_compute_dtype(self, training_dtype: str) -> None:
@@ -104,15 +112,16 @@ class ComfyTask:
             self.patcher.set_model_compute_dtype(torch.bfloat16)
 
     # -- conditioning -----------------------------------------------------------------------
-    def _encode_conditioning(self, positive, latents: torch.Tensor) -> list[dict]:
-        entries = expand_conditioning(positive, latents.shape[0])
-        encoded: dict[int, dict] = {}
+    def _encode_conditioning(self, positive, latents) -> list[dict]:
+        samples = sample_latents(latents)
+        entries = expand_conditioning(positive, len(samples))
+        encoded: dict[tuple, dict] = {}
         per_sample = []
-        for index, entry in enumerate(entries):
-            key = id(entry)
+        for index, (entry, latent) in enumerate(zip(entries, samples)):
+            key = (id(entry), tuple(latent.shape))  # some conditioning depends on the size
             if key not in encoded:
                 try:
-                    encoded[key] = self._encode_one(entry, latents[index:index + 1])
+                    encoded[key] = self._encode_one(entry, latent)
                 except Exception as error:
                     raise ValueError(
                         f"positive[{index if self.positive_count > 1 else 0}] (shape "
@@ -122,15 +131,17 @@ class ComfyTask:
             per_sample.append(encoded[key])
         return per_sample
 
-    def _encode_empty(self, empty, latents: torch.Tensor) -> dict:
+    def _encode_empty(self, empty, latents) -> dict[tuple, dict]:
+        """The empty conditioning encoded for each latent size."""
         if not isinstance(empty, (list, tuple)) or len(empty) != 1:
             count = len(empty) if isinstance(empty, (list, tuple)) else type(empty).__name__
             raise ValueError(
                 f"empty_conditioning must be one conditioning (of an empty prompt); got "
                 f"{count}. Connect a single CLIP Text Encode with an empty text.")
         [entry] = expand_conditioning(empty, 1)
+        sizes = {tuple(latent.shape[1:]): latent for latent in sample_latents(latents)}
         try:
-            return self._encode_one(entry, latents[:1])
+            return {size: self._encode_one(entry, latent) for size, latent in sizes.items()}
         except Exception as error:
             raise ValueError(
                 f"empty_conditioning (shape {list(entry[0].shape)}) does not fit "
@@ -163,7 +174,8 @@ class ComfyTask:
     def predict(self, x_t, sigma, samples, dropped=None):
         conds = [self.sample_conds[int(i)] for i in samples]
         if dropped is not None:
-            conds = [self.empty_cond if drop else cond for cond, drop in zip(conds, dropped)]
+            empty = self.empty_conds[tuple(x_t.shape[1:])]
+            conds = [empty if drop else cond for cond, drop in zip(conds, dropped)]
         kwargs = comfy.samplers.cond_cat(conds)
         options = dict(self.patcher.model_options.get("transformer_options", {}))
         options["sigmas"] = sigma
@@ -350,11 +362,17 @@ def release(patcher) -> None:
         comfy.model_patcher.wipe_lowvram_weight(module)
 
 
-def check_latents_fit(patcher, samples: torch.Tensor) -> None:
-    """Latent channels and dimensions the model expects, checked before anything runs."""
-    from ..training.loop import check_latents
+def check_latents_fit(patcher, latents) -> None:
+    """Latent channels and dimensions the model expects, checked before anything runs
+    (``latents``: a tensor or a list of batches)."""
+    from ..training.loop import as_batches, check_latents
 
-    check_latents(samples)
+    check_latents(latents)
+    for samples in as_batches(latents):
+        _check_fit(patcher, samples)
+
+
+def _check_fit(patcher, samples: torch.Tensor) -> None:
     latent_format = patcher.model.latent_format
     channels = getattr(latent_format, "latent_channels", None)
     dims = getattr(latent_format, "latent_dimensions", 2)

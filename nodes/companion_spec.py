@@ -23,6 +23,7 @@ class NodeSpec:
     inputs: list[tuple[str, str, dict]]
     outputs: list[tuple[str, str, str, str]]  # (id, type, display name, tooltip)
     flags: dict = field(default_factory=dict)  # is_output_node, not_idempotent, ...
+    output_lists: bool = False  # the outputs are lists (ComfyUI's is_output_list)
 
 
 SAVE_LORA = NodeSpec(
@@ -123,7 +124,10 @@ LOAD_DATASET = NodeSpec(
         ("resize_mode", "COMBO", {
             "options": list(RESIZE_MODES), "default": "crop",
             "tooltip": "crop: fill the size and cut the centre out; pad: fit inside and fill the "
-                       "rest with black; stretch: scale to the size, ignoring the aspect ratio."}),
+                       "rest with black; stretch: scale to the size, ignoring the aspect ratio; "
+                       "bucket: each image at the size of about width x height pixels (sides "
+                       "multiples of 64) whose aspect ratio is closest to its own, cropping "
+                       "only what that needs (several sizes: one output entry per size)."}),
         ("default_caption", "STRING", {
             "optional": True, "default": "", "multiline": True,
             "tooltip": "Caption for images without a .txt file (or with an empty one), e.g. a "
@@ -131,10 +135,13 @@ LOAD_DATASET = NodeSpec(
     ],
     outputs=[
         ("latents", "LATENT", "latents", "One latent per image (repeats included), in order; "
-                                          "connect Train LoRA's latents."),
+                                          "connect Train LoRA's latents. A list with one LATENT "
+                                          "per size (one in all but bucket mode)."),
         ("positive", "CONDITIONING", "positive", "One conditioning per latent, from its caption; "
-                                                 "connect Train LoRA's positive."),
+                                                 "connect Train LoRA's positive. A list with one "
+                                                 "CONDITIONING per LATENT of latents."),
     ],
+    output_lists=True,
 )
 
 COMPANION_NODES = [SAVE_LORA, PLOT_LOSS, APPLY_LORA, LOAD_DATASET]

@@ -58,13 +58,23 @@ class LoadDataset(io.ComfyNode):
         for item in items:
             if item.caption not in encoded:
                 encoded[item.caption] = clip.encode_from_tokens_scheduled(clip.tokenize(item.caption))[0]
-        samples = torch.cat([latent for latent, item in zip(latents, items)
-                             for _ in range(item.repeats)])
-        positive = [encoded[item.caption] for item in items for _ in range(item.repeats)]
+        # one LATENT (and its CONDITIONING, an entry per latent) per size, in order of
+        # appearance: one in every mode but bucket
+        groups: dict[tuple, tuple[list, list]] = {}
+        for latent, item in zip(latents, items):
+            group = groups.setdefault(tuple(latent.shape), ([], []))
+            group[0].extend([latent] * item.repeats)
+            group[1].extend([encoded[item.caption]] * item.repeats)
+        outputs = [{"samples": torch.cat(group[0])} for group in groups.values()]
+        positive = [group[1] for group in groups.values()]
+        count = sum(out["samples"].shape[0] for out in outputs)
         uncaptioned = sum(1 for item in items if not item.caption)
         if uncaptioned:
             log.warning("%d image(s) in %s have no caption and no default caption; they train "
                         "with an empty prompt.", uncaptioned, folder)
-        log.info("Load Image Dataset: %d images (%d with repeats) from %s at %dx%d (%s).",
-                 len(items), samples.shape[0], folder, width, height, resize_mode)
-        return io.NodeOutput({"samples": samples}, positive)
+        log.info("Load Image Dataset: %d images (%d with repeats) from %s at %dx%d (%s)%s.",
+                 len(items), count, folder, width, height, resize_mode,
+                 "" if len(outputs) == 1 else ", sizes " + ", ".join(
+                     f"{out['samples'].shape[0]} x {list(out['samples'].shape[-2:])}"
+                     for out in outputs))
+        return io.NodeOutput(outputs, positive)

@@ -27,7 +27,8 @@ def build_schema(spec: NodeSpec, **overrides: dict) -> io.Schema:
         category=CATEGORY,
         description=spec.description,
         inputs=inputs,
-        outputs=[IO_TYPES[kind].Output(id, display_name=display, tooltip=tip)
+        outputs=[IO_TYPES[kind].Output(id, display_name=display, tooltip=tip,
+                                       is_output_list=spec.output_lists)
                  for id, kind, display, tip in spec.outputs],
         **spec.flags,
     )

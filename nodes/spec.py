@@ -51,10 +51,14 @@ OPTIONS_SOCKETS: list[tuple[str, str, dict]] = [
 TRAIN_INPUTS: list[tuple[str, str, dict]] = [
     ("model", "MODEL", {"tooltip": "The diffusion model to train on. It is not modified: the "
                         "LoRA trains on a clone and other branches keep the original."}),
-    ("latents", "LATENT", {"tooltip": "Training data: one latent per image (VAE Encode or "
-                           "Load Image Dataset). All latents share one size."}),
+    ("latents", "LATENT", {"tooltip": "Training data: one latent per image or clip (VAE "
+                           "Encode, Load Image Dataset), or a list of LATENTs of several sizes "
+                           "(Load Image Dataset's bucket mode, ComfyUI's Make Training Dataset / "
+                           "Resolution Bucket); each micro-batch holds one size. A noise_mask "
+                           "(Set Latent Noise Mask) weights the loss per element."}),
     ("positive", "CONDITIONING", {"tooltip": "Conditioning to train with: one for all latents, or "
-                                  "exactly one per latent (in the same order)."}),
+                                  "exactly one per latent (in the same order); with a list of "
+                                  "LATENTs, a list of conditionings, one per LATENT."}),
     *(option_input(option.name) for option in node_options(TRAIN_NODE)),
     ("existing_lora", "COMBO", {"options": [NONE_LORA], "default": NONE_LORA, "tooltip":
                                 "A LoRA from the loras folder to continue training (safetensors "
@@ -94,7 +98,8 @@ TRAIN_LORA = NodeSpec(
         "level as Training Options' loss_weighting says."),
     inputs=TRAIN_INPUTS,
     outputs=TRAIN_OUTPUTS,
-    flags={"not_idempotent": True},
+    # lists: ComfyUI's dataset nodes hand over lists of LATENTs and CONDITIONINGs
+    flags={"not_idempotent": True, "is_input_list": True},
 )
 
 

@@ -69,6 +69,15 @@ class TrainLoRA(io.ComfyNode):
         learning_rate, rank, optimizer, loss_function, seed, training_dtype, lora_dtype,
         algorithm, gradient_checkpointing, existing_lora, options=None, empty_conditioning=None,
     ) -> io.NodeOutput:
+        # the node takes lists (ComfyUI's dataset nodes give lists of LATENTs and
+        # CONDITIONINGs): every other input comes as a one-element list
+        model, batch_size, grad_accumulation_steps, steps, learning_rate, rank, optimizer, \
+            loss_function, seed, training_dtype, lora_dtype, algorithm, \
+            gradient_checkpointing, existing_lora, options, empty_conditioning = (
+                single(value) for value in (
+                    model, batch_size, grad_accumulation_steps, steps, learning_rate, rank,
+                    optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm,
+                    gradient_checkpointing, existing_lora, options, empty_conditioning))
         values, inputs = options_values(options)
         config = TrainConfig(
             batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps, steps=steps,
@@ -76,13 +85,10 @@ class TrainLoRA(io.ComfyNode):
             loss_function=loss_function, seed=seed, training_dtype=training_dtype,
             lora_dtype=lora_dtype, algorithm=algorithm,
             gradient_checkpointing=gradient_checkpointing, **values)
-        if not isinstance(latents, dict) or not isinstance(latents.get("samples"), torch.Tensor):
-            raise ValueError(
-                "latents must be a LATENT (a dict with a 'samples' tensor); connect VAE Encode, "
-                "Load Latent or Load Image Dataset.")
-        samples = latents["samples"]
+        samples, masks = latent_batches(latents)
+        positive = per_sample_conditioning(positive, samples)
         check_latents_fit(model, samples)
-        batch = min(config.batch_size, samples.shape[0])
+        batch = min(config.batch_size, sum(len(b) for b in samples))
         writer = CheckpointWriter(model, config, batch) if config.checkpoint_every else None
         if writer is not None:
             writer.check()
@@ -94,13 +100,14 @@ class TrainLoRA(io.ComfyNode):
             previews = None
             if config.preview_every:
                 previews = Previews(task, inputs.get("vae"), inputs.get("preview_conditioning"),
-                                    samples, config.preview_seed, config.preview_steps)
+                                    samples[0], config.preview_seed, config.preview_steps)
                 on_step.previews = previews
             existing, deltas, previous_steps, state = None, None, 0, None
             if existing_lora != NONE_LORA:
                 existing, deltas, previous_steps, state = load_existing(
                     existing_lora, task, DTYPES[config.lora_dtype])
-            result = train(task, samples, config, existing=existing, existing_deltas=deltas,
+            result = train(task, samples, config, masks=masks, existing=existing,
+                           existing_deltas=deltas,
                            on_step=on_step, resume=state, validation=validation,
                            on_checkpoint=writer, on_preview=previews)
         total_steps = steps + previous_steps
@@ -115,6 +122,71 @@ class TrainLoRA(io.ComfyNode):
         return io.NodeOutput(trained, lora, loss, total_steps, grid)
 
 
+def single(value):
+    """One input's value: under ``is_input_list`` ComfyUI passes ``[value]``."""
+    if isinstance(value, list) and not is_conditioning(value):
+        if len(value) != 1:
+            raise ValueError(f"got {len(value)} values where one is expected; connect a single "
+                             "value (only latents and positive take lists).")
+        return value[0]
+    return value
+
+
+def is_pair(entry) -> bool:
+    return (isinstance(entry, (list, tuple)) and len(entry) == 2
+            and isinstance(entry[0], torch.Tensor) and isinstance(entry[1], dict))
+
+
+def is_conditioning(value) -> bool:
+    """A CONDITIONING: a non-empty list of [tensor, dict] pairs."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(is_pair(e) for e in value)
+
+
+def latent_batches(latents) -> tuple[list[torch.Tensor], list]:
+    """A LATENT or a list of LATENTs as batches of samples and their noise masks."""
+    items = latents if isinstance(latents, (list, tuple)) else [latents]
+    if not items or not all(isinstance(item, dict) and isinstance(item.get("samples"),
+                                                                  torch.Tensor) for item in items):
+        raise ValueError(
+            "latents must be a LATENT (a dict with a 'samples' tensor) or a list of them; "
+            "connect VAE Encode, Load Latent, Load Image Dataset or ComfyUI's Make Training "
+            "Dataset / Resolution Bucket.")
+    return [item["samples"] for item in items], [item.get("noise_mask") for item in items]
+
+
+def per_sample_conditioning(positive, batches: list[torch.Tensor]) -> list:
+    """One conditioning entry per sample of ``batches``.
+
+    ``positive`` is one CONDITIONING (one entry for all samples, or one per sample) or a list
+    of them, one per LATENT of the latents list (each with one entry for all of that LATENT's
+    samples, or one per sample), as ComfyUI's dataset nodes give them."""
+    if is_conditioning(positive):
+        return list(positive)  # one for all or one per sample: checked by the task
+    if not (isinstance(positive, (list, tuple)) and positive
+            and all(is_conditioning(c) for c in positive)):
+        raise ValueError(
+            "positive must be a CONDITIONING (a list of [tensor, dict] pairs) or a list of "
+            "them; connect a CLIP Text Encode or ComfyUI's dataset nodes.")
+    if len(positive) == 1:
+        return list(positive[0])
+    if len(positive) != len(batches):
+        raise ValueError(
+            f"positive is a list of {len(positive)} conditionings but latents a list of "
+            f"{len(batches)} LATENTs; give one conditioning per LATENT (or one for all).")
+    entries = []
+    for index, (conditioning, batch) in enumerate(zip(positive, batches)):
+        if len(conditioning) == 1:
+            entries += [conditioning[0]] * batch.shape[0]
+        elif len(conditioning) == batch.shape[0]:
+            entries += list(conditioning)
+        else:
+            raise ValueError(
+                f"positive[{index}] holds {len(conditioning)} conditionings for the "
+                f"{batch.shape[0]} latents of latents[{index}]; give one for all or one per "
+                "latent.")
+    return entries
+
+
 def validation_data(task: ComfyTask, config, inputs: dict) -> Validation | None:
     """The validation data of Training Options' inputs: held-out latents with their
     conditioning, or None (the loop then validates on the training latents)."""
@@ -127,11 +199,13 @@ def validation_data(task: ComfyTask, config, inputs: dict) -> Validation | None:
             f"Validation data needs both validation_latents and validation_conditioning; "
             f"{missing} is not connected. Connect it, or disconnect both to validate on the "
             "training latents.")
-    samples = latents.get("samples") if isinstance(latents, dict) else None
-    if not isinstance(samples, torch.Tensor):
+    try:
+        batches, masks = latent_batches(latents)
+    except ValueError:
         raise ValueError("validation_latents must be a LATENT; connect VAE Encode or Load "
-                         "Latent.")
-    return Validation(task.for_data(conditioning, samples), samples)
+                         "Latent.") from None
+    entries = per_sample_conditioning(conditioning, batches)
+    return Validation(task.for_data(entries, batches), batches, masks)
 
 
 def options_values(options) -> tuple[dict, dict]:

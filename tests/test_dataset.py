@@ -1,5 +1,6 @@
 """Image folders as training data: order, kohya repeats, captions, resizing, bad files."""
 
+import math
 
 import numpy as np
 import pytest
@@ -143,3 +144,25 @@ def test_image_folders_lists_only_folders_with_images(tmp_path):
     assert image_folders(str(tmp_path / "missing")) == []
     (root / "3d" / "model.glb").unlink()
     assert image_folders(str(root / "3d")) == []
+
+
+def test_bucket_sizes_keep_the_aspect_ratio_within_the_area():
+    from lora_lab.training.dataset import bucket_size
+
+    for w, h in [(1024, 1024), (1920, 1080), (1080, 1920), (800, 600), (3000, 1000), (7, 5)]:
+        bw, bh = bucket_size(w, h, 512, 512)
+        assert bw % 64 == 0 and bh % 64 == 0 and bw * bh <= 512 * 512
+        # no bucket of the list is closer in aspect ratio
+        assert abs(math.log(bw / bh) - math.log(w / h)) <= 0.2
+    assert bucket_size(1024, 1024, 512, 512) == (512, 512)
+    assert bucket_size(1920, 1080, 512, 512) == (640, 384)  # 1.67 against 1.78
+    assert bucket_size(1080, 1920, 512, 512) == (384, 640)
+
+
+def test_bucket_mode_crops_only_what_the_bucket_needs():
+    wide = Image.new("RGB", (1920, 1080), WHITE)
+    out = resize(wide, 512, 512, "bucket")
+    assert out.size == (640, 384)
+    # a photo already at a bucket's aspect ratio is not cropped at all
+    exact = Image.fromarray(np.arange(640 * 384 * 3, dtype=np.uint8).reshape(384, 640, 3))
+    assert np.array_equal(np.asarray(resize(exact, 512, 512, "bucket")), np.asarray(exact))

@@ -51,10 +51,15 @@ def test_rank_above_a_layer_is_clamped_per_layer_with_a_warning(caplog):
     assert "rank 16 is larger than 1 of 2 layers allow" in caplog.text
 
 
-def test_mixed_latent_sizes_cannot_reach_the_loop():
+def test_a_bad_batch_in_a_latents_list_is_named():
     task, _ = make_task("unet")
-    with pytest.raises(ValueError, match="must be a tensor"):
-        train(task, [torch.zeros(4, 8, 8), torch.zeros(4, 16, 16)], TrainConfig(steps=1))
+    with pytest.raises(ValueError, match=r"latents\[1\]: latents must be a tensor"):
+        train(task, [torch.zeros(2, 4, 8, 8), torch.zeros(4, 16)], TrainConfig(steps=1))
+    with pytest.raises(ValueError, match=r"latents\[0\]: latents contain NaN"):
+        train(task, [torch.full((1, 4, 8, 8), float("nan")), torch.zeros(2, 4, 8, 8)],
+              TrainConfig(steps=1))
+    with pytest.raises(ValueError, match="non-empty list"):
+        train(task, [], TrainConfig(steps=1))
 
 
 # -- fuzzing the LoRA file reader --------------------------------------------------------------

@@ -172,8 +172,9 @@ def test_companion_schemas():
     assert save["steps"][1]["optional"] and save["steps"][1]["force_input"]
     assert SAVE_LORA.outputs[0][1] == "STRING" and SAVE_LORA.flags["is_output_node"]
     dataset = {name: (kind, opts) for name, kind, opts in LOAD_DATASET.inputs}
-    assert dataset["resize_mode"][1]["options"] == ["crop", "pad", "stretch"]
+    assert dataset["resize_mode"][1]["options"] == ["crop", "pad", "stretch", "bucket"]
     assert [k for _, k, *_ in LOAD_DATASET.outputs] == ["LATENT", "CONDITIONING"]
+    assert LOAD_DATASET.output_lists  # one LATENT and CONDITIONING per size
 
 
 def test_output_ids_differ_from_input_ids():

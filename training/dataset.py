@@ -18,6 +18,7 @@ order); a caption is the ``.txt`` file with the image's stem, else the default c
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-RESIZE_MODES = ("crop", "pad", "stretch")
+RESIZE_MODES = ("crop", "pad", "stretch", "bucket")
+BUCKET_STEP = 64  # bucket sides are multiples of this (pixels)
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -106,8 +108,32 @@ def scan_folder(folder: str, default_caption: str = "") -> list[DatasetImage]:
     return found
 
 
+def bucket_size(w: int, h: int, width: int, height: int) -> tuple[int, int]:
+    """The bucket of an image of ``w`` x ``h`` for a target of about ``width`` x ``height``
+    pixels: of the sizes with sides multiples of 64 and an area at most ``width x height``
+    (each side as large as the area allows for the other), the one whose aspect ratio is
+    closest to the image's (in log ratio; the larger area wins a tie). The bucket list is
+    built as kohya sd-scripts' ``make_bucket_resolutions`` builds it
+    (``library/model_util.py``)."""
+    area = width * height
+    step = BUCKET_STEP
+    sizes = set()
+    side = step
+    while side * step <= area:
+        other = area // side // step * step
+        sizes.add((side, other))
+        sizes.add((other, side))
+        side += step
+    if not sizes:
+        sizes = {(step, step)}
+    aspect = math.log(w / h)
+    return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - aspect), -s[0] * s[1], s))
+
+
 def resize(image, width: int, height: int, mode: str):
-    """``image`` (a PIL RGB image) at exactly ``width`` x ``height``.
+    """``image`` (a PIL RGB image) at exactly ``width`` x ``height``; ``bucket``: at its
+    bucket's size (:func:`bucket_size`), cropped as ``crop`` does (only what the bucket's
+    aspect ratio needs).
 
     - ``crop``: scaled (aspect kept) until it covers the target, then the centre is cut out;
     - ``pad``: scaled (aspect kept) until it fits the target, centred on black;
@@ -123,6 +149,9 @@ def resize(image, width: int, height: int, mode: str):
     if width < 1 or height < 1:
         raise ValueError(f"The target size {width}x{height} must be at least 1x1.")
     w, h = image.size
+    if mode == "bucket":
+        width, height = bucket_size(w, h, width, height)
+        mode = "crop"
     lanczos = Image.Resampling.LANCZOS
     if mode == "stretch" or (w, h) == (width, height):
         return image.resize((width, height), lanczos)
@@ -159,7 +188,8 @@ def open_rgb(path: str):
 def load_images(
     items: list[DatasetImage], width: int, height: int, mode: str,
 ) -> list[np.ndarray]:
-    """One ``[height, width, 3]`` uint8 array per item (repeats not expanded).
+    """One ``[height, width, 3]`` uint8 array per item (repeats not expanded; ``bucket``:
+    each at its own bucket's size).
 
     Every file is tried; if any cannot be read, one ``ValueError`` names all of them.
     """

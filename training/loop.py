@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +41,7 @@ from . import schedule
 from .batching import EpochSampler
 from .checkpointing import checkpoint_blocks, checkpointed
 from .inplace import checkpointable, find_mutating_blocks, inplace_patches
+from .latents import BucketSampler, LatentSet
 from .config import DTYPES, TrainConfig
 from .ema import EMA
 from .state import (
@@ -91,7 +92,32 @@ class TrainResult:
     previous_steps: int = 0  # the steps of the training state this run resumed
 
 
-def check_latents(latents: torch.Tensor) -> None:
+Latents = "torch.Tensor | Sequence[torch.Tensor]"  # one batch, or batches of any sizes
+
+
+def as_batches(latents) -> list[torch.Tensor]:
+    """``latents`` (a tensor ``[N, C, ...]`` or a list of them) as a list of batches."""
+    if isinstance(latents, torch.Tensor):
+        return [latents]
+    if isinstance(latents, (list, tuple)) and latents:
+        return list(latents)
+    raise ValueError("latents must be a tensor [N, C, ...] or a non-empty list of them; connect "
+                     "a LATENT (or a list of LATENTs from ComfyUI's dataset nodes).")
+
+
+def check_latents(latents) -> None:
+    """Every batch of ``latents`` is a finite float tensor [N, C, ...] with N >= 1."""
+    batches = as_batches(latents)
+    for index, batch in enumerate(batches):
+        try:
+            _check_batch(batch)
+        except ValueError as error:
+            if len(batches) == 1:
+                raise
+            raise ValueError(f"latents[{index}]: {error}") from None
+
+
+def _check_batch(latents: torch.Tensor) -> None:
     if not isinstance(latents, torch.Tensor) or latents.ndim < 3:
         shape = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(
@@ -146,11 +172,11 @@ def frozen(network: nn.Module) -> Iterator[None]:
 def sample_losses(
     task: DiffusionTask,
     objective: Objective,
-    dataset: torch.Tensor,
+    dataset: LatentSet,
     samples: torch.Tensor,
     draws: StepDraws,
 ) -> torch.Tensor:
-    """The weighted loss of each of ``samples`` with their ``draws`` (one micro-batch)."""
+    """The weighted loss of each of ``samples`` (one shape) with their ``draws``."""
     device = task.device
     bf16 = objective.config.training_dtype == "bf16"
 
@@ -158,32 +184,43 @@ def sample_losses(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return task.predict(x_t, sigma, samples, draws.dropped)
 
-    return objective.losses(predict, dataset[samples].to(device), draws.noise.to(device),
-                            draws.sigmas.to(device))
+    mask = dataset.mask(samples)
+    return objective.losses(predict, dataset.batch(samples).to(device), draws.noise.to(device),
+                            draws.sigmas.to(device), None if mask is None else mask.to(device))
 
 
 def objective_of(task: DiffusionTask, config: TrainConfig) -> Objective:
     return Objective(task, config, can_drop_captions=getattr(task, "can_drop_captions", False))
 
 
-def fixed_draws(objective: Objective, dataset: torch.Tensor, draws: int, seed: int):
-    """``draws`` (sample, noise, noise level) triples from their own generator, the noise
-    levels stratified: the same on every call, whatever the run's generator did."""
+def prepare(task: DiffusionTask, latents, masks=None) -> LatentSet:
+    """The samples of ``latents`` as the model's sampler feeds them, on the CPU in float32."""
+    return LatentSet([task.prepare_latents(b).float().cpu() for b in as_batches(latents)],
+                     masks)
+
+
+def fixed_draws(objective: Objective, dataset: LatentSet, draws: int, seed: int):
+    """``draws`` (sample, noise, noise level) triples from their own generator, in chunks of
+    one shape: the same on every call, whatever the run's generator did."""
     generator = torch.Generator().manual_seed(seed)
-    samples = torch.arange(draws) % dataset.shape[0]
-    return samples, objective.draw(dataset[samples].shape, generator)
+    samples = torch.arange(draws) % len(dataset)
+    groups = [samples[torch.isin(samples, torch.tensor(indices))]
+              for indices in dataset.buckets.values()]
+    groups = [g for g in groups if len(g)]
+    drawn = objective.draw_groups(
+        [torch.Size((len(g), *dataset.samples[int(g[0])].shape)) for g in groups], generator)
+    return [(g[start:start + 8], d.part(slice(start, start + 8)))
+            for g, d in zip(groups, drawn) for start in range(0, len(g), 8)]
 
 
-def mean_loss(task: DiffusionTask, objective: Objective, dataset: torch.Tensor,
-              samples: torch.Tensor, drawn: StepDraws, batch: int = 8) -> float:
+def mean_loss(task: DiffusionTask, objective: Objective, dataset: LatentSet, chunks) -> float:
     """The mean loss of fixed draws, without a graph (the network's patches as they are)."""
-    total = 0.0
+    total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(samples), batch):
-            part = slice(start, start + batch)
-            total += float(sample_losses(
-                task, objective, dataset, samples[part], drawn.part(part)).sum())
-    return total / len(samples)
+        for samples, drawn in chunks:
+            total += float(sample_losses(task, objective, dataset, samples, drawn).sum())
+            count += len(samples)
+    return total / count
 
 
 def evaluation_objective(task: DiffusionTask, config: TrainConfig) -> Objective:
@@ -194,7 +231,7 @@ def evaluation_objective(task: DiffusionTask, config: TrainConfig) -> Objective:
 
 def evaluate(
     task: DiffusionTask,
-    latents: torch.Tensor,
+    latents: Latents,
     config: TrainConfig,
     adapters: Mapping[str, Adapter] | None = None,
     *,
@@ -206,11 +243,11 @@ def evaluate(
     The draws come from their own generator, so before/after comparisons see the same ones.
     """
     objective = evaluation_objective(task, config)
-    dataset = task.prepare_latents(latents).float().cpu()
-    samples, drawn = fixed_draws(objective, dataset, draws, seed)
+    dataset = prepare(task, latents)
+    chunks = fixed_draws(objective, dataset, draws, seed)
     patches = adapter_patches(task.network, adapters or {})
     with task.session(ForwardPatches(patches)):
-        return mean_loss(task, objective, dataset, samples, drawn)
+        return mean_loss(task, objective, dataset, chunks)
 
 
 @dataclass
@@ -219,24 +256,28 @@ class Validation:
     (the training task itself, or its ``for_data`` view of other latents and conditioning)."""
 
     task: DiffusionTask
-    latents: torch.Tensor
+    latents: Latents | None = None  # None: the training latents
+    masks: Sequence[torch.Tensor | None] | None = None
     draws: int = 32
     seed: int = 0
 
-    def prepare(self, config: TrainConfig):
-        check_latents(self.latents)
+    def prepare(self, config: TrainConfig, training: LatentSet):
         objective = evaluation_objective(self.task, config)
-        dataset = self.task.prepare_latents(self.latents).float().cpu()
-        samples, drawn = fixed_draws(objective, dataset, max(self.draws, dataset.shape[0]),
-                                     self.seed)
-        return lambda: mean_loss(self.task, objective, dataset, samples, drawn)
+        if self.latents is None:
+            dataset = training
+        else:
+            check_latents(self.latents)
+            dataset = prepare(self.task, self.latents, self.masks)
+        chunks = fixed_draws(objective, dataset, max(self.draws, len(dataset)), self.seed)
+        return lambda: mean_loss(self.task, objective, dataset, chunks)
 
 
 def train(
     task: DiffusionTask,
-    latents: torch.Tensor,
+    latents: Latents,
     config: TrainConfig,
     *,
+    masks: Sequence[torch.Tensor | None] | None = None,
     existing: Mapping[str, Adapter] | None = None,
     existing_deltas: Mapping[str, NormDelta] | None = None,
     on_step: StepCallback | None = None,
@@ -246,6 +287,10 @@ def train(
     on_preview: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train adapters on ``latents`` and return the LoRA, the losses and the adapters.
+
+    ``latents``: a tensor ``[N, C, ...]`` or a list of them, of any sizes (sample ``i`` is
+    the ``i``-th latent in order; each micro-batch holds one size); ``masks``: one
+    ``noise_mask`` (or None) per batch, weighting the loss per element.
 
     ``existing`` (and ``existing_deltas``, its file's norm/bias deltas) continue a LoRA from
     its weights; ``resume`` continues the run of a training state exactly (its adapters are
@@ -257,7 +302,8 @@ def train(
     if existing is not None and resume is not None:
         raise ValueError("Give existing adapters or a training state to resume, not both.")
     with torch.inference_mode(False), torch.enable_grad():
-        return _train(task, latents.clone(), config, existing, existing_deltas, on_step,
+        dataset = prepare(task, [b.clone() for b in as_batches(latents)], masks)
+        return _train(task, dataset, config, existing, existing_deltas, on_step,
                       resume, validation, on_checkpoint, on_preview)
 
 
@@ -286,12 +332,12 @@ def returned_weights(params: list[torch.Tensor], ema: EMA | None,
                 group["train_mode"] = True
 
 
-def _train(task, latents, config, existing, existing_deltas, on_step, resume, validation,
-           on_checkpoint, on_preview) -> TrainResult:
+def _train(task, dataset: LatentSet, config, existing, existing_deltas, on_step, resume,
+           validation, on_checkpoint, on_preview) -> TrainResult:
     generator = torch.Generator().manual_seed(config.seed)
     objective = objective_of(task, config)
     lora_dtype = DTYPES[config.lora_dtype]
-    count = latents.shape[0]
+    count = len(dataset)
     if resume is not None:
         check_options(resume.info, config, count)
     if existing is None:
@@ -318,14 +364,12 @@ def _train(task, latents, config, existing, existing_deltas, on_step, resume, va
         weight_decay=config.weight_decay)
     base_rates = [group["lr"] for group in optimizer.param_groups]
     ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
-    sampler = EpochSampler(count, generator)
     done = 0
     if resume is not None:
         load_optimizer(optimizer, resume.tensors, resume.info["optimizer"])
         if ema is not None:
             ema.load([resume.tensors[f"ema.{i}"] for i in range(len(params))])
         generator.set_state(resume.tensors["generator"])
-        sampler.restore(resume.tensors["sampler.pending"])
         done = resume.step
         if resume.planned != done + config.steps:
             log.info("The resumed schedule was planned over %d steps; it now spans %d (%d done "
@@ -345,10 +389,17 @@ def _train(task, latents, config, existing, existing_deltas, on_step, resume, va
         batch_size = count
     accumulation = config.grad_accumulation_steps
     per_step = batch_size * accumulation
-    dataset = task.prepare_latents(latents).float().cpu()
+    if dataset.uniform:  # shuffled epochs over all samples, as one stream
+        sampler = EpochSampler(count, generator)
+    else:  # each micro-batch from one bucket of equal shapes
+        sampler = BucketSampler(dataset.buckets, batch_size, generator)
+        log.info("Latents of %d sizes (%s): each micro-batch holds one size.",
+                 len(dataset.buckets), dataset.shape_text())
+    if resume is not None:
+        sampler.restore(resume.tensors["sampler.pending"])
     validate = None
     if config.validation_every > 0:
-        validate = (validation or Validation(task, latents)).prepare(config)
+        validate = (validation or Validation(task)).prepare(config, dataset)
 
     def state() -> TrainingState:
         tensors = {**module_tensors("adapter", adapters), **module_tensors("delta", deltas)}
@@ -379,15 +430,14 @@ def _train(task, latents, config, existing, existing_deltas, on_step, resume, va
             factor = schedule.factor(step, config, total)
             for group, rate in zip(optimizer.param_groups, base_rates):
                 group["lr"] = rate * factor
-            samples = sampler.take(per_step)
-            drawn = objective.draw(dataset[samples].shape, generator)
+            micro_batches, draws = step_draws(objective, dataset, sampler, batch_size,
+                                              accumulation, generator)
+            step_count = sum(len(samples) for samples in micro_batches)
             step_loss = torch.zeros((), device=task.device)
-            for start in range(0, per_step, batch_size):
-                part = slice(start, start + batch_size)
-                loss = sample_losses(
-                    task, objective, dataset, samples[part], drawn.part(part)).mean()
-                (loss / accumulation).backward()
-                step_loss += loss.detach() / accumulation
+            for samples, drawn in zip(micro_batches, draws):
+                loss = sample_losses(task, objective, dataset, samples, drawn).sum() / step_count
+                loss.backward()
+                step_loss += loss.detach()
             value = float(step_loss)
             if not math.isfinite(value):
                 raise TrainingDiverged(
@@ -438,6 +488,23 @@ def export(task: DiffusionTask, adapters: Mapping[str, Adapter],
             **lora_state_dict(deltas, task.key_prefix)}
 
 
+def step_draws(objective: Objective, dataset: LatentSet, sampler, batch_size: int,
+               accumulation: int, generator: torch.Generator):
+    """One optimizer step's micro-batches (sample indices) and their draws. One size: the
+    step's samples and draws are taken at once and split, so batch 4 x 1 and 2 x 2 train on
+    the same samples, noise and noise levels; several sizes: one bucket per micro-batch."""
+    if isinstance(sampler, EpochSampler):
+        samples = sampler.take(batch_size * accumulation)
+        shape = torch.Size((len(samples), *dataset.samples[int(samples[0])].shape))
+        drawn = objective.draw(shape, generator)
+        parts = [slice(start, start + batch_size)
+                 for start in range(0, len(samples), batch_size)]
+        return [samples[part] for part in parts], [drawn.part(part) for part in parts]
+    micro_batches = sampler.take(accumulation)
+    shapes = [torch.Size((len(b), *dataset.samples[int(b[0])].shape)) for b in micro_batches]
+    return micro_batches, objective.draw_groups(shapes, generator)
+
+
 def parameter_groups(modules: Iterable[nn.Module], config) -> list[dict]:
     """The optimizer's parameter groups over the trained ``modules`` (adapters and deltas):
     one; with LoRA+ (``lora_plus_ratio`` > 1) the adapters' up/B factors in a second group
@@ -458,7 +525,7 @@ def parameter_groups(modules: Iterable[nn.Module], config) -> list[dict]:
             {"params": [p for p in params if id(p) in up], "lr": lr * ratio}]
 
 
-def run_patches(task: DiffusionTask, objective: Objective, dataset: torch.Tensor,
+def run_patches(task: DiffusionTask, objective: Objective, dataset: LatentSet,
                 batch_size: int, config) -> list:
     """The run's forward patches besides the adapters (installed once they are): guards for
     the blocks that the first batch shows writing into their inputs, then checkpointing."""
@@ -471,28 +538,31 @@ def run_patches(task: DiffusionTask, objective: Objective, dataset: torch.Tensor
     return patches
 
 
-def first_batch(task: DiffusionTask, objective: Objective, dataset: torch.Tensor,
+def first_batch(task: DiffusionTask, objective: Objective, dataset: LatentSet,
                 batch_size: int) -> None:
-    """One forward of the first ``batch_size`` latents without a graph (so its peak memory is
-    a forward's, whatever checkpointing saves later): it shows what the blocks do to their
-    inputs, and a shape error here means the latents or the conditioning do not fit."""
-    samples = torch.arange(batch_size)
-    sigmas = objective.sample_sigmas(batch_size, torch.Generator().manual_seed(0))
-    noise = torch.zeros(dataset[samples].shape)
+    """One forward of the first ``batch_size`` latents of each size without a graph (so its
+    peak memory is a forward's, whatever checkpointing saves later): it shows what the blocks
+    do to their inputs, and a shape error here means the latents or the conditioning do not
+    fit."""
     # with caption dropout, the empty conditioning must fit the model too
-    probes = [(None, "the conditioning from its text encoder")]
+    probes = [(False, "the conditioning from its text encoder")]
     if objective.config.caption_dropout > 0:
-        probes.append((torch.ones(batch_size, dtype=torch.bool),
-                       "empty_conditioning from its text encoder"))
-    for dropped, source in probes:
-        try:
-            with torch.no_grad():
-                sample_losses(task, objective, dataset, samples,
-                              StepDraws(noise, sigmas, dropped))
-        except RuntimeError as error:
-            if not is_input_mismatch(error):
-                raise
-            raise ValueError(
-                f"The model could not run on the first batch (latents "
-                f"{list(dataset.shape[1:])}): {error}. Check that the latents come from this "
-                f"model's VAE and {source}.") from error
+        probes.append((True, "empty_conditioning from its text encoder"))
+    for indices in dataset.buckets.values():
+        samples = torch.tensor(indices[:batch_size])
+        shape = dataset.samples[indices[0]].shape
+        sigmas = objective.sample_sigmas(len(samples), torch.Generator().manual_seed(0))
+        noise = torch.zeros((len(samples), *shape))
+        for drop, source in probes:
+            dropped = torch.ones(len(samples), dtype=torch.bool) if drop else None
+            try:
+                with torch.no_grad():
+                    sample_losses(task, objective, dataset, samples,
+                                  StepDraws(noise, sigmas, dropped))
+            except RuntimeError as error:
+                if not is_input_mismatch(error):
+                    raise
+                raise ValueError(
+                    f"The model could not run on the first batch (latents {list(shape)}): "
+                    f"{error}. Check that the latents come from this model's VAE and "
+                    f"{source}.") from error

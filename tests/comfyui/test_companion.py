@@ -196,7 +196,7 @@ def test_load_dataset_encodes_in_order_with_repeats(node, dataset_dir):
     assert dataset_dir in folder_input.options
 
     vae, clip = FakeVAE(), FakeCLIP()
-    latents, positive = node("LoRALab_LoadDataset").execute(
+    [latents], [positive] = node("LoRALab_LoadDataset").execute(
         dataset_dir, vae, clip, 64, 64, "crop", "default").result
     samples = latents["samples"]
     assert samples.shape == (4, 4, 8, 8)  # a, b, c, c (2_red repeats twice)
@@ -206,6 +206,29 @@ def test_load_dataset_encodes_in_order_with_repeats(node, dataset_dir):
     assert vae.calls == [(1, 64, 64, 3)] * 3, "each image is encoded once, one at a time"
     assert sorted(clip.encoded) == ["default", "green", "red"], "each caption is encoded once"
     assert positive[2] is positive[3]
+
+
+def test_load_dataset_bucket_mode_gives_one_latent_per_size(node, dataset_dir):
+    """96x64, 64x96 and 64x64 images at about 256x256 pixels: buckets 320x192, 192x320 and
+    256x256 (sides multiples of 64, the aspect ratio nearest each image's), in order."""
+    latents, positive = node("LoRALab_LoadDataset").execute(
+        dataset_dir, FakeVAE(), FakeCLIP(), 256, 256, "bucket", "default").result
+    assert [tuple(l["samples"].shape) for l in latents] == [
+        (1, 4, 40, 24), (1, 4, 24, 40), (2, 4, 32, 32)]  # a (portrait), b, c twice
+    assert [[p[1]["caption"] for p in group] for group in positive] == [
+        ["green"], ["default"], ["red", "red"]]
+    colours = [l["samples"][:, :3].mean(dim=(0, 2, 3)) for l in latents]
+    assert torch.allclose(torch.stack(colours), torch.tensor([[0., 1, 0], [0, 0, 1], [1, 0, 0]]),
+                          atol=0.02)
+    model = tiny_models.tiny_sd15(seed=4)
+    values = dict(batch_size=2, grad_accumulation_steps=1, steps=3, learning_rate=1e-3, rank=2,
+                  optimizer="AdamW", loss_function="MSE", seed=0, training_dtype="fp32",
+                  lora_dtype="fp32", algorithm="LoRA", gradient_checkpointing=False,
+                  existing_lora="[None]")
+    with torch.inference_mode():
+        _, lora, loss, _, _ = node("LoRALab_TrainLoRA").execute(
+            model, latents, positive, **values).result
+    assert lora and all(torch.isfinite(torch.tensor(loss["loss"])))
 
 
 def test_load_dataset_trains_with_train_lora(node, dataset_dir):

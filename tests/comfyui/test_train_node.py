@@ -36,7 +36,9 @@ def run_train_all(node, model, latents, positive, **overrides):
                   existing_lora="[None]")
     values.update(overrides)
     with torch.inference_mode():  # ComfyUI executes nodes under inference mode
-        return node.execute(model, {"samples": latents}, positive, **values).result
+        # a tensor becomes a LATENT; a LATENT or a list of them goes as it is
+        latent = {"samples": latents} if isinstance(latents, torch.Tensor) else latents
+        return node.execute(model, latent, positive, **values).result
 
 
 def core_reload(model, lora, path):
