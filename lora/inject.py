@@ -159,15 +159,26 @@ class ForwardPatches:
     def __init__(self, patches: list[tuple[nn.Module, Callable[[Callable], Callable]]]) -> None:
         self.patches = patches
         self._saved: list[tuple[nn.Module, object]] = []
+        self._applied = False
 
     def apply(self) -> None:
-        if self._saved:
+        if self._applied:
             return
+        self._applied = True
         for module, make in self.patches:
             self._saved.append((module, module.__dict__.get("forward", self._MISSING)))
             module.forward = make(module.forward)
 
+    def extend(self, patches: list[tuple[nn.Module, Callable[[Callable], Callable]]]) -> None:
+        """Add ``patches`` after the others (applied at once if the others are)."""
+        self.patches.extend(patches)
+        if self._applied:
+            for module, make in patches:
+                self._saved.append((module, module.__dict__.get("forward", self._MISSING)))
+                module.forward = make(module.forward)
+
     def remove(self) -> None:
+        self._applied = False
         while self._saved:
             module, previous = self._saved.pop()
             if previous is self._MISSING:

@@ -35,7 +35,8 @@ def lora_files() -> list[str]:
 
 def load_existing(name: str, task: ComfyTask, lora_dtype: torch.dtype):
     """The LoRA file ``name`` of the loras folder: its training state when one is beside it
-    (an exact continuation), else its adapters, norm/bias deltas and steps.
+    (an exact continuation), else a function that makes its adapters and norm/bias deltas,
+    and its steps: ``(adapters, steps, state)``.
 
     kohya (``lora_unet_...``) and PEFT/diffusers (``lora_A``/``lora_B``) names are mapped to
     ``diffusion_model.<layer>`` through ComfyUI's own key map for the model."""
@@ -48,13 +49,17 @@ def load_existing(name: str, task: ComfyTask, lora_dtype: torch.dtype):
     if state is not None:
         log.info("Resuming the run of %s exactly from its training state (step %d).", name,
                  state.step)
-        return None, None, state.step, state
+        return None, state.step, state
     log.info("%s has no training state beside it: continuing from its weights (the optimizer, "
              "schedule and data order start afresh).", name)
     tensors, metadata = read_lora_file(path)
     tensors = to_diffusion_model_keys(task.patcher, tensors)
-    adapters, deltas = lora_from_state_dict(task.network, tensors, task.key_prefix, lora_dtype)
-    return adapters, deltas, steps_of(metadata, os.path.basename(path)), None
+    lora_from_state_dict(task.network, tensors, task.key_prefix, lora_dtype)  # checked now
+
+    def adapters():  # built again once the clone is loaded, from the weights it runs with
+        return lora_from_state_dict(task.network, tensors, task.key_prefix, lora_dtype)
+
+    return adapters, steps_of(metadata, os.path.basename(path)), state
 
 
 class TrainLoRA(io.ComfyNode):
@@ -102,12 +107,11 @@ class TrainLoRA(io.ComfyNode):
                 previews = Previews(task, inputs.get("vae"), inputs.get("preview_conditioning"),
                                     samples[0], config.preview_seed, config.preview_steps)
                 on_step.previews = previews
-            existing, deltas, previous_steps, state = None, None, 0, None
+            existing, previous_steps, state = None, 0, None
             if existing_lora != NONE_LORA:
-                existing, deltas, previous_steps, state = load_existing(
+                existing, previous_steps, state = load_existing(
                     existing_lora, task, DTYPES[config.lora_dtype])
             result = train(task, samples, config, masks=masks, existing=existing,
-                           existing_deltas=deltas,
                            on_step=on_step, resume=state, validation=validation,
                            on_checkpoint=writer, on_preview=previews)
         total_steps = steps + previous_steps

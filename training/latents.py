@@ -20,8 +20,8 @@ def fit_mask(mask: torch.Tensor, latents: torch.Tensor, where: str) -> torch.Ten
     latent of ``latents`` (``[N, C, ..., h, w]``): ``[N, 1, ..., h, w]``, bilinear-resized to
     the latent, the same for every frame of a video latent."""
     if not isinstance(mask, torch.Tensor) or mask.ndim < 2 or not mask.is_floating_point():
-        raise ValueError(f"{where}: noise_mask must be a float tensor [B, 1, H, W]; got "
-                         f"{type(mask).__name__ if not isinstance(mask, torch.Tensor) else list(mask.shape)}. "
+        got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{where}: noise_mask must be a float tensor [B, 1, H, W]; got {got}. "
                          "Connect Set Latent Noise Mask's output.")
     count = latents.shape[0]
     flat = mask.float().reshape(-1, 1, mask.shape[-2], mask.shape[-1])

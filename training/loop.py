@@ -44,8 +44,10 @@ from .inplace import checkpointable, find_mutating_blocks, inplace_patches
 from .latents import BucketSampler, LatentSet
 from .config import DTYPES, TrainConfig
 from .ema import EMA
+from .state import MUST_MATCH as STATE_OPTIONS
 from .state import (
-    MUST_MATCH as STATE_OPTIONS, TrainingState, check_options, load_modules, load_optimizer, module_tensors, optimizer_tensors,
+    TrainingState, check_options, load_modules, load_optimizer, module_tensors,
+    optimizer_tensors,
 )
 from .task import DiffusionTask
 
@@ -293,7 +295,9 @@ def train(
     ``noise_mask`` (or None) per batch, weighting the loss per element.
 
     ``existing`` (and ``existing_deltas``, its file's norm/bias deltas) continue a LoRA from
-    its weights; ``resume`` continues the run of a training state exactly (its adapters are
+    its weights; it may be a function returning both, called once the model runs with the
+    weights of its session (so a LoRA already applied to the model is what DoRA, OFT and BOFT
+    read); ``resume`` continues the run of a training state exactly (its adapters are
     recreated as that run made them). A new LoRA gets deltas when ``train_norm_bias`` is on.
     ``validation`` (default: the training latents) is evaluated every ``validation_every``
     steps; ``on_checkpoint`` gets a :class:`Checkpoint` every ``checkpoint_every`` steps and
@@ -340,91 +344,101 @@ def _train(task, dataset: LatentSet, config, existing, existing_deltas, on_step,
     count = len(dataset)
     if resume is not None:
         check_options(resume.info, config, count)
-    if existing is None:
-        targets = find_targets(
-            task.network, config.target_layers, config.include, config.exclude)
-        adapters = create_adapters(
-            task.network, config.algorithm, config.rank, config.adapter_alpha, lora_dtype,
-            generator, targets=targets, rslora=config.rslora)
-        deltas = create_norm_deltas(task.network, lora_dtype) if config.train_norm_bias else {}
-    else:
-        adapters, deltas = dict(existing), dict(existing_deltas or {})
-    if resume is not None:
-        load_modules("adapter", adapters, resume.tensors, "adapters")
-        load_modules("delta", deltas, resume.tensors, "norm/bias deltas")
-    trained = [*adapters.values(), *deltas.values()]
-    for module in trained:
-        module.compute_dtype = lora_dtype
-        module.to(task.device)
-    params = [p for module in trained for p in module.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = make_optimizer(
-        config.optimizer, parameter_groups(trained, config), config.learning_rate,
-        weight_decay=config.weight_decay)
-    base_rates = [group["lr"] for group in optimizer.param_groups]
-    ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
-    done = 0
-    if resume is not None:
-        load_optimizer(optimizer, resume.tensors, resume.info["optimizer"])
-        if ema is not None:
-            ema.load([resume.tensors[f"ema.{i}"] for i in range(len(params))])
-        generator.set_state(resume.tensors["generator"])
-        done = resume.step
-        if resume.planned != done + config.steps:
-            log.info("The resumed schedule was planned over %d steps; it now spans %d (%d done "
-                     "+ %d).", resume.planned, done + config.steps, done, config.steps)
-    total = done + config.steps
-    if config.warmup_steps and config.warmup_steps >= total:
-        raise ValueError(
-            f"warmup_steps={config.warmup_steps} is not shorter than the run (steps="
-            f"{total}{f', {done} of them resumed' if done else ''}); use fewer warm-up steps "
-            "or more steps.")
+    adapted = ForwardPatches([])
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(frozen(task.network))
+        stack.enter_context(task.session(adapted))
+        # the clone is loaded: its layers hold the weights it runs with (a LoRA applied before
+        # Train LoRA included), which DoRA, OFT and BOFT read when they are made
+        if callable(existing):  # read from a file: built from the weights the clone runs with
+            adapters, deltas = existing()
+        elif existing is None:
+            targets = find_targets(
+                task.network, config.target_layers, config.include, config.exclude)
+            adapters = create_adapters(
+                task.network, config.algorithm, config.rank, config.adapter_alpha, lora_dtype,
+                generator, targets=targets, rslora=config.rslora)
+            deltas = (create_norm_deltas(task.network, lora_dtype) if config.train_norm_bias
+                      else {})
+        else:
+            adapters, deltas = dict(existing), dict(existing_deltas or {})
+        # deltas after adapters: OFT/BOFT rotate base(x) - bias, a bias delta must stay outside
+        adapted.extend(
+            adapter_patches(task.network, adapters) + adapter_patches(task.network, deltas))
+        if resume is not None:
+            load_modules("adapter", adapters, resume.tensors, "adapters")
+            load_modules("delta", deltas, resume.tensors, "norm/bias deltas")
+        trained = [*adapters.values(), *deltas.values()]
+        for module in trained:
+            module.compute_dtype = lora_dtype
+            module.to(task.device)
+        params = [p for module in trained for p in module.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = make_optimizer(
+            config.optimizer, parameter_groups(trained, config), config.learning_rate,
+            weight_decay=config.weight_decay)
+        base_rates = [group["lr"] for group in optimizer.param_groups]
+        ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
+        done = 0
+        if resume is not None:
+            load_optimizer(optimizer, resume.tensors, resume.info["optimizer"])
+            if ema is not None:
+                ema.load([resume.tensors[f"ema.{i}"] for i in range(len(params))])
+            generator.set_state(resume.tensors["generator"])
+            done = resume.step
+            if resume.planned != done + config.steps:
+                log.info("The resumed schedule was planned over %d steps; it now spans %d "
+                         "(%d done + %d).", resume.planned, done + config.steps, done,
+                         config.steps)
+        total = done + config.steps
+        if config.warmup_steps and config.warmup_steps >= total:
+            raise ValueError(
+                f"warmup_steps={config.warmup_steps} is not shorter than the run (steps="
+                f"{total}{f', {done} of them resumed' if done else ''}); use fewer warm-up "
+                "steps or more steps.")
 
-    batch_size = config.batch_size
-    if batch_size > count:
-        log.warning(
-            "batch_size %d is larger than the %d latents; training with batch_size %d.",
-            batch_size, count, count)
-        batch_size = count
-    accumulation = config.grad_accumulation_steps
-    per_step = batch_size * accumulation
-    if dataset.uniform:  # shuffled epochs over all samples, as one stream
-        sampler = EpochSampler(count, generator)
-    else:  # each micro-batch from one bucket of equal shapes
-        sampler = BucketSampler(dataset.buckets, batch_size, generator)
-        log.info("Latents of %d sizes (%s): each micro-batch holds one size.",
-                 len(dataset.buckets), dataset.shape_text())
-    if resume is not None:
-        sampler.restore(resume.tensors["sampler.pending"])
-    validate = None
-    if config.validation_every > 0:
-        validate = (validation or Validation(task)).prepare(config, dataset)
+        batch_size = config.batch_size
+        if batch_size > count:
+            log.warning(
+                "batch_size %d is larger than the %d latents; training with batch_size %d.",
+                batch_size, count, count)
+            batch_size = count
+        accumulation = config.grad_accumulation_steps
+        per_step = batch_size * accumulation
+        if dataset.uniform:  # shuffled epochs over all samples, as one stream
+            sampler = EpochSampler(count, generator)
+        else:  # each micro-batch from one bucket of equal shapes
+            sampler = BucketSampler(dataset.buckets, batch_size, generator)
+            log.info("Latents of %d sizes (%s): each micro-batch holds one size.",
+                     len(dataset.buckets), dataset.shape_text())
+        if resume is not None:
+            sampler.restore(resume.tensors["sampler.pending"])
+        validate = None
+        if config.validation_every > 0:
+            validate = (validation or Validation(task)).prepare(config, dataset)
 
-    def state() -> TrainingState:
-        tensors = {**module_tensors("adapter", adapters), **module_tensors("delta", deltas)}
-        optimizer_state, optimizer_info = optimizer_tensors(optimizer)
-        tensors.update(optimizer_state)
-        if ema is not None:
-            tensors.update({f"ema.{i}": s.clone() for i, s in enumerate(ema.shadow)})
-        tensors["generator"] = generator.get_state()
-        tensors["sampler.pending"] = sampler.pending()
-        options = {name: getattr(config, name) for name in STATE_OPTIONS}
-        return TrainingState(step, total, tensors, {
-            "options": options, "optimizer": optimizer_info, "latents": count})
+        def state() -> TrainingState:
+            tensors = {**module_tensors("adapter", adapters), **module_tensors("delta", deltas)}
+            optimizer_state, optimizer_info = optimizer_tensors(optimizer)
+            tensors.update(optimizer_state)
+            if ema is not None:
+                tensors.update({f"ema.{i}": s.clone() for i, s in enumerate(ema.shadow)})
+            tensors["generator"] = generator.get_state()
+            tensors["sampler.pending"] = sampler.pending()
+            options = {name: getattr(config, name) for name in STATE_OPTIONS}
+            return TrainingState(step, total, tensors, {
+                "options": options, "optimizer": optimizer_info, "latents": count})
 
-    def due(every: int, at_end: bool) -> bool:
-        return every > 0 and (step % every == 0 or (at_end and step == total))
+        def due(every: int, at_end: bool) -> bool:
+            return every > 0 and (step % every == 0 or (at_end and step == total))
 
-    losses: list[float] = []
-    validated: list[tuple[int, float]] = []
-    # deltas after adapters: OFT/BOFT rotate base(x) - bias, a bias delta must stay outside
-    adapted = ForwardPatches(
-        adapter_patches(task.network, adapters) + adapter_patches(task.network, deltas))
-    with frozen(task.network), task.session(adapted), \
-            ForwardPatches(run_patches(task, objective, dataset, batch_size, config)), \
-            tqdm(total=total, initial=done, desc="Train LoRA", unit="step",
-                 mininterval=1.0) as progress:
+        losses: list[float] = []
+        validated: list[tuple[int, float]] = []
+        stack.enter_context(
+            ForwardPatches(run_patches(task, objective, dataset, batch_size, config)))
+        progress = stack.enter_context(tqdm(total=total, initial=done, desc="Train LoRA",
+                                            unit="step", mininterval=1.0))
         set_training(optimizer, True)
         for step in range(done + 1, total + 1):
             factor = schedule.factor(step, config, total)

@@ -57,10 +57,12 @@ def _fill_state_dict(model, seed, std=0.02):
     return sd
 
 
-def _load(sd):
+def _load(sd, weight_dtype=None):
+    """``weight_dtype``: the stored dtype, as UNETLoader's ``weight_dtype`` sets it."""
     import comfy.sd
 
-    model = comfy.sd.load_diffusion_model_state_dict(sd)
+    options = {} if weight_dtype is None else {"dtype": weight_dtype}
+    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
     if model is None:
         raise RuntimeError("ComfyUI could not detect a model config for the tiny state dict")
     return model
@@ -80,8 +82,9 @@ def sd15_unet_config(medium=False):
     return cfg
 
 
-def tiny_sd15(seed=0, medium=False):
-    """Tiny SD1.x UNet ModelPatcher (see module docstring)."""
+def tiny_sd15(seed=0, medium=False, weight_dtype=None):
+    """Tiny SD1.x UNet ModelPatcher (see module docstring); ``weight_dtype`` e.g.
+    ``torch.float8_e4m3fn`` stores its weights as UNETLoader's fp8 choices do."""
     import torch
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -90,7 +93,7 @@ def tiny_sd15(seed=0, medium=False):
         net = UNetModel(**sd15_unet_config(medium), operations=comfy.ops.disable_weight_init)
     sd = _fill_state_dict(net, seed)
     del net
-    return _load(sd)
+    return _load(sd, weight_dtype)
 
 
 def sd3_mmdit_config(medium=False):
