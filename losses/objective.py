@@ -27,7 +27,7 @@ import torch
 from . import per_sample_loss
 from .targets import TARGETS, target_by_inversion
 
-TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
+TIMESTEP_SAMPLING = ("auto", "uniform", "logit_normal", "mode")
 LOSS_WEIGHTINGS = ("auto", "none", "min_snr", "x0", "sigma_sqrt", "cosmap")
 FLOW_ONLY_WEIGHTINGS = ("sigma_sqrt", "cosmap")
 PREDICTIONS = tuple(TARGETS)
@@ -37,6 +37,8 @@ PREDICTIONS = tuple(TARGETS)
 AUTO = "auto"
 AUTO_CHOICES: dict[str, dict[str | None, str]] = {
     "loss_weighting": {"eps": "x0", "v": "x0", "flow": "x0", None: "none"},
+    "timestep_sampling": {"eps": "logit_normal", "v": "logit_normal", "flow": "uniform",
+                          None: "uniform"},
 }
 
 # keeps logit-normal's inverse CDF finite and percent_to_sigma inside its range

@@ -260,8 +260,10 @@ def test_options_change_what_is_trained():
 def test_auto_resolves_per_prediction_and_the_result_says_what_was_used(kind, prediction):
     task, latents = make_task(kind)
     result = train(task, latents, TrainConfig(steps=1, **FP32))
-    assert TrainConfig().loss_weighting == "auto"
-    assert result.config.loss_weighting == AUTO_CHOICES["loss_weighting"][prediction] != "auto"
-    explicit = train(task, latents, TrainConfig(
-        steps=1, **FP32, loss_weighting=result.config.loss_weighting))
+    chosen = {}
+    for name, by_kind in AUTO_CHOICES.items():
+        assert getattr(TrainConfig(), name) == "auto"
+        chosen[name] = getattr(result.config, name)
+        assert chosen[name] == by_kind[prediction] != "auto"
+    explicit = train(task, latents, TrainConfig(steps=1, **FP32, **chosen))
     assert all(torch.equal(result.lora[k], explicit.lora[k]) for k in result.lora)

@@ -184,10 +184,12 @@ DECLARED: tuple[Option, ...] = (
          "weight and every bias (what ComfyUI's own trainer does), saved as diff / diff_b "
          "keys that ComfyUI's loader applies."),
     # -- the objective (losses/objective.py) ------------------------------------------------
-    _opt("timestep_sampling", "COMBO", "uniform", "How noise levels are drawn, as a fraction "
-         "t of the model's own noise levels (its schedule and shift apply): uniform; "
+    _opt("timestep_sampling", "COMBO", "auto", "How noise levels are drawn, as a fraction "
+         "t of the model's own noise levels (its schedule and shift apply): auto = chosen per "
+         f"model type by measured sample quality ({auto_text('timestep_sampling')}); uniform; "
          "logit_normal = sigmoid(timestep_mean + timestep_std x N(0, 1)), favouring the "
-         "middle; mode = SD3's mode sampling with mode_scale.",
+         "middle; mode = SD3's mode sampling with mode_scale. Saved files record the "
+         "sampling used.",
          choices=lambda: TIMESTEP_SAMPLING),
     _opt("timestep_mean", "FLOAT", 0.0, "logit_normal: the mean m of the logit of t "
          "(negative: less noise, positive: more).", low=-5.0, high=5.0, step=0.05),

@@ -107,8 +107,9 @@ def test_the_defaults_used_are_written_into_the_saved_metadata(family, predictio
     options = importlib.import_module(pack.__name__ + ".training.options")
     model, latents, positive, _ = family_case(family)
     _, lora, _, _ = run_train(train_node, model, latents, positive, steps=1)
-    used = lora.metadata["lora_lab.loss_weighting"]
-    assert used == objective.AUTO_CHOICES["loss_weighting"][prediction] != "auto"
+    for name, by_kind in objective.AUTO_CHOICES.items():
+        used = lora.metadata[f"lora_lab.{name}"]
+        assert used == by_kind[prediction] != "auto", name
     assert lora.metadata["lora_lab.alpha"] == "4.0"  # rank 4: alpha = rank, as used
     for option in options.DECLARED:  # every other option: its declared default
         if option.name not in (*objective.AUTO_CHOICES, "alpha") \
