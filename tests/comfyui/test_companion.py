@@ -220,28 +220,25 @@ def test_load_dataset_bucket_mode_gives_one_latent_per_size(node, dataset_dir):
     colours = [l["samples"][:, :3].mean(dim=(0, 2, 3)) for l in latents]
     assert torch.allclose(torch.stack(colours), torch.tensor([[0., 1, 0], [0, 0, 1], [1, 0, 0]]),
                           atol=0.02)
-    model = tiny_models.tiny_sd15(seed=4)
-    values = dict(batch_size=2, grad_accumulation_steps=1, steps=3, learning_rate=1e-3, rank=2,
-                  optimizer="AdamW", loss_function="MSE", seed=0, training_dtype="fp32",
-                  lora_dtype="fp32", algorithm="LoRA", gradient_checkpointing=False,
-                  existing_lora="[None]")
-    with torch.inference_mode():
-        _, lora, loss, _, _ = node("LoRALab_TrainLoRA").execute(
-            model, latents, positive, **values).result
+    _, lora, loss, _, _ = train_tiny(node, latents, positive, steps=3)
     assert lora and all(torch.isfinite(torch.tensor(loss["loss"])))
+
+
+def train_tiny(node, latents, positive, steps):
+    """Train LoRA's five outputs for a dataset node's outputs, on a tiny SD1.x."""
+    model = tiny_models.tiny_sd15(seed=4)
+    values = dict(batch_size=2, grad_accumulation_steps=1, steps=steps, learning_rate=1e-3,
+                  rank=2, optimizer="AdamW", loss_function="MSE", seed=0,
+                  training_dtype="fp32", lora_dtype="fp32", algorithm="LoRA",
+                  gradient_checkpointing=False, existing_lora="[None]")
+    with torch.inference_mode():
+        return node("LoRALab_TrainLoRA").execute(model, latents, positive, **values).result
 
 
 def test_load_dataset_trains_with_train_lora(node, dataset_dir):
     latents, positive = node("LoRALab_LoadDataset").execute(
         dataset_dir, FakeVAE(), FakeCLIP(), 64, 64, "pad", "").result
-    model = tiny_models.tiny_sd15(seed=4)
-    values = dict(batch_size=2, grad_accumulation_steps=1, steps=2, learning_rate=1e-3, rank=2,
-                  optimizer="AdamW", loss_function="MSE", seed=0, training_dtype="fp32",
-                  lora_dtype="fp32", algorithm="LoRA", gradient_checkpointing=False,
-                  existing_lora="[None]")
-    with torch.inference_mode():
-        _, lora, loss, steps, previews = node("LoRALab_TrainLoRA").execute(
-            model, latents, positive, **values).result
+    _, lora, loss, steps, previews = train_tiny(node, latents, positive, steps=2)
     assert steps == 2 and len(loss["loss"]) == 2 and lora
     assert previews.shape == (1, 64, 64, 3) and not previews.any()  # previews off: blank
 
