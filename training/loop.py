@@ -43,6 +43,7 @@ from .checkpointing import checkpoint_blocks, checkpointed
 from .inplace import checkpointable, find_mutating_blocks, inplace_patches
 from .latents import BucketSampler, LatentSet
 from .config import DTYPES, TrainConfig
+from .distributed import SINGLE, World
 from .ema import EMA
 from .state import MUST_MATCH as STATE_OPTIONS
 from .state import (
@@ -287,6 +288,7 @@ def train(
     validation: Validation | None = None,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     on_preview: Callable[[int], None] | None = None,
+    world: World = SINGLE,
 ) -> TrainResult:
     """Train adapters on ``latents`` and return the LoRA, the losses and the adapters.
 
@@ -301,14 +303,16 @@ def train(
     recreated as that run made them). A new LoRA gets deltas when ``train_norm_bias`` is on.
     ``validation`` (default: the training latents) is evaluated every ``validation_every``
     steps; ``on_checkpoint`` gets a :class:`Checkpoint` every ``checkpoint_every`` steps and
-    ``on_preview`` the step number every ``preview_every`` steps and at the end."""
+    ``on_preview`` the step number every ``preview_every`` steps and at the end. ``world``:
+    this process's place in a data-parallel run (:mod:`.distributed`; ``batch_size`` is then
+    per process); give the callbacks to one rank only."""
     check_latents(latents)
     if existing is not None and resume is not None:
         raise ValueError("Give existing adapters or a training state to resume, not both.")
     with torch.inference_mode(False), torch.enable_grad():
         dataset = prepare(task, [b.clone() for b in as_batches(latents)], masks)
         return _train(task, dataset, config, existing, existing_deltas, on_step,
-                      resume, validation, on_checkpoint, on_preview)
+                      resume, validation, on_checkpoint, on_preview, world)
 
 
 @contextlib.contextmanager
@@ -337,7 +341,7 @@ def returned_weights(params: list[torch.Tensor], ema: EMA | None,
 
 
 def _train(task, dataset: LatentSet, config, existing, existing_deltas, on_step, resume,
-           validation, on_checkpoint, on_preview) -> TrainResult:
+           validation, on_checkpoint, on_preview, world: World) -> TrainResult:
     generator = torch.Generator().manual_seed(config.seed)
     objective = objective_of(task, config)
     lora_dtype = DTYPES[config.lora_dtype]
@@ -348,95 +352,97 @@ def _train(task, dataset: LatentSet, config, existing, existing_deltas, on_step,
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen(task.network))
         stack.enter_context(task.session(adapted))
-        # the clone is loaded: its layers hold the weights it runs with (a LoRA applied before
-        # Train LoRA included), which DoRA, OFT and BOFT read when they are made
-        if callable(existing):  # read from a file: built from the weights the clone runs with
-            adapters, deltas = existing()
-        elif existing is None:
-            targets = find_targets(
-                task.network, config.target_layers, config.include, config.exclude)
-            adapters = create_adapters(
-                task.network, config.algorithm, config.rank, config.adapter_alpha, lora_dtype,
-                generator, targets=targets, rslora=config.rslora)
-            deltas = (create_norm_deltas(task.network, lora_dtype) if config.train_norm_bias
-                      else {})
-        else:
-            adapters, deltas = dict(existing), dict(existing_deltas or {})
-        # deltas after adapters: OFT/BOFT rotate base(x) - bias, a bias delta must stay outside
-        adapted.extend(
-            adapter_patches(task.network, adapters) + adapter_patches(task.network, deltas))
-        if resume is not None:
-            load_modules("adapter", adapters, resume.tensors, "adapters")
-            load_modules("delta", deltas, resume.tensors, "norm/bias deltas")
-        trained = [*adapters.values(), *deltas.values()]
-        for module in trained:
-            module.compute_dtype = lora_dtype
-            module.to(task.device)
-        params = [p for module in trained for p in module.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = make_optimizer(
-            config.optimizer, parameter_groups(trained, config), config.learning_rate,
-            weight_decay=config.weight_decay)
-        base_rates = [group["lr"] for group in optimizer.param_groups]
-        ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
-        done = 0
-        if resume is not None:
-            load_optimizer(optimizer, resume.tensors, resume.info["optimizer"])
-            if ema is not None:
-                ema.load([resume.tensors[f"ema.{i}"] for i in range(len(params))])
-            generator.set_state(resume.tensors["generator"])
-            done = resume.step
-            if resume.planned != done + config.steps:
-                log.info("The resumed schedule was planned over %d steps; it now spans %d "
-                         "(%d done + %d).", resume.planned, done + config.steps, done,
-                         config.steps)
-        total = done + config.steps
-        if config.warmup_steps and config.warmup_steps >= total:
-            raise ValueError(
-                f"warmup_steps={config.warmup_steps} is not shorter than the run (steps="
-                f"{total}{f', {done} of them resumed' if done else ''}); use fewer warm-up "
-                "steps or more steps.")
+        with world.together("setting up", task.device):
+            # the clone is loaded: its layers hold the weights it runs with (a LoRA applied before
+            # Train LoRA included), which DoRA, OFT and BOFT read when they are made
+            if callable(existing):  # read from a file: built from the weights the clone runs with
+                adapters, deltas = existing()
+            elif existing is None:
+                targets = find_targets(
+                    task.network, config.target_layers, config.include, config.exclude)
+                adapters = create_adapters(
+                    task.network, config.algorithm, config.rank, config.adapter_alpha, lora_dtype,
+                    generator, targets=targets, rslora=config.rslora)
+                deltas = (create_norm_deltas(task.network, lora_dtype) if config.train_norm_bias
+                          else {})
+            else:
+                adapters, deltas = dict(existing), dict(existing_deltas or {})
+            # deltas after adapters: OFT/BOFT rotate base(x) - bias, a bias delta must stay outside
+            adapted.extend(
+                adapter_patches(task.network, adapters) + adapter_patches(task.network, deltas))
+            if resume is not None:
+                load_modules("adapter", adapters, resume.tensors, "adapters")
+                load_modules("delta", deltas, resume.tensors, "norm/bias deltas")
+            trained = [*adapters.values(), *deltas.values()]
+            for module in trained:
+                module.compute_dtype = lora_dtype
+                module.to(task.device)
+            params = [p for module in trained for p in module.parameters()]
+            for p in params:
+                p.requires_grad_(True)
+            optimizer = make_optimizer(
+                config.optimizer, parameter_groups(trained, config), config.learning_rate,
+                weight_decay=config.weight_decay)
+            base_rates = [group["lr"] for group in optimizer.param_groups]
+            ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
+            done = 0
+            if resume is not None:
+                load_optimizer(optimizer, resume.tensors, resume.info["optimizer"])
+                if ema is not None:
+                    ema.load([resume.tensors[f"ema.{i}"] for i in range(len(params))])
+                generator.set_state(resume.tensors["generator"])
+                done = resume.step
+                if resume.planned != done + config.steps:
+                    log.info("The resumed schedule was planned over %d steps; it now spans %d "
+                             "(%d done + %d).", resume.planned, done + config.steps, done,
+                             config.steps)
+            total = done + config.steps
+            if config.warmup_steps and config.warmup_steps >= total:
+                raise ValueError(
+                    f"warmup_steps={config.warmup_steps} is not shorter than the run (steps="
+                    f"{total}{f', {done} of them resumed' if done else ''}); use fewer warm-up "
+                    "steps or more steps.")
 
-        batch_size = config.batch_size
-        if batch_size > count:
-            log.warning(
-                "batch_size %d is larger than the %d latents; training with batch_size %d.",
-                batch_size, count, count)
-            batch_size = count
-        accumulation = config.grad_accumulation_steps
-        per_step = batch_size * accumulation
-        if dataset.uniform:  # shuffled epochs over all samples, as one stream
-            sampler = EpochSampler(count, generator)
-        else:  # each micro-batch from one bucket of equal shapes
-            sampler = BucketSampler(dataset.buckets, batch_size, generator)
-            log.info("Latents of %d sizes (%s): each micro-batch holds one size.",
-                     len(dataset.buckets), dataset.shape_text())
-        if resume is not None:
-            sampler.restore(resume.tensors["sampler.pending"])
-        validate = None
-        if config.validation_every > 0:
-            validate = (validation or Validation(task)).prepare(config, dataset)
+            # the micro-batch of all processes together, cut into shares in each step
+            batch_size = config.batch_size * world.size
+            if batch_size > count:
+                log.warning(
+                    "batch_size %d is larger than the %d latents; training with batch_size %d.",
+                    batch_size, count, count)
+                batch_size = count
+            accumulation = config.grad_accumulation_steps
+            per_step = batch_size * accumulation
+            if dataset.uniform:  # shuffled epochs over all samples, as one stream
+                sampler = EpochSampler(count, generator)
+            else:  # each micro-batch from one bucket of equal shapes
+                sampler = BucketSampler(dataset.buckets, batch_size, generator)
+                log.info("Latents of %d sizes (%s): each micro-batch holds one size.",
+                         len(dataset.buckets), dataset.shape_text())
+            if resume is not None:
+                sampler.restore(resume.tensors["sampler.pending"])
+            validate = None
+            if config.validation_every > 0:
+                validate = (validation or Validation(task)).prepare(config, dataset)
 
-        def state() -> TrainingState:
-            tensors = {**module_tensors("adapter", adapters), **module_tensors("delta", deltas)}
-            optimizer_state, optimizer_info = optimizer_tensors(optimizer)
-            tensors.update(optimizer_state)
-            if ema is not None:
-                tensors.update({f"ema.{i}": s.clone() for i, s in enumerate(ema.shadow)})
-            tensors["generator"] = generator.get_state()
-            tensors["sampler.pending"] = sampler.pending()
-            options = {name: getattr(config, name) for name in STATE_OPTIONS}
-            return TrainingState(step, total, tensors, {
-                "options": options, "optimizer": optimizer_info, "latents": count})
+            def state() -> TrainingState:
+                tensors = {**module_tensors("adapter", adapters), **module_tensors("delta", deltas)}
+                optimizer_state, optimizer_info = optimizer_tensors(optimizer)
+                tensors.update(optimizer_state)
+                if ema is not None:
+                    tensors.update({f"ema.{i}": s.clone() for i, s in enumerate(ema.shadow)})
+                tensors["generator"] = generator.get_state()
+                tensors["sampler.pending"] = sampler.pending()
+                options = {name: getattr(config, name) for name in STATE_OPTIONS}
+                return TrainingState(step, total, tensors, {
+                    "options": options, "optimizer": optimizer_info, "latents": count})
 
-        def due(every: int, at_end: bool) -> bool:
-            return every > 0 and (step % every == 0 or (at_end and step == total))
+            def due(every: int, at_end: bool) -> bool:
+                return every > 0 and (step % every == 0 or (at_end and step == total))
 
-        losses: list[float] = []
-        validated: list[tuple[int, float]] = []
-        stack.enter_context(
-            ForwardPatches(run_patches(task, objective, dataset, batch_size, config)))
+            losses: list[float] = []
+            validated: list[tuple[int, float]] = []
+            stack.enter_context(
+                ForwardPatches(run_patches(task, objective, dataset, batch_size, config)))
         progress = stack.enter_context(tqdm(total=total, initial=done, desc="Train LoRA",
                                             unit="step", mininterval=1.0))
         set_training(optimizer, True)
@@ -448,11 +454,17 @@ def _train(task, dataset: LatentSet, config, existing, existing_deltas, on_step,
                                               accumulation, generator)
             step_count = sum(len(samples) for samples in micro_batches)
             step_loss = torch.zeros((), device=task.device)
-            for samples, drawn in zip(micro_batches, draws):
-                loss = sample_losses(task, objective, dataset, samples, drawn).sum() / step_count
-                loss.backward()
-                step_loss += loss.detach()
-            value = float(step_loss)
+            with world.together(f"computing step {step}", task.device):
+                for samples, drawn in zip(micro_batches, draws):
+                    share = world.share(len(samples))
+                    if share.start == share.stop:
+                        continue  # fewer samples than processes: this one has none
+                    loss = sample_losses(task, objective, dataset, samples[share],
+                                         drawn.part(share)).sum() / step_count
+                    loss.backward()
+                    step_loss += loss.detach()
+            world.sum_gradients(params)
+            value = float(world.sum(step_loss))
             if not math.isfinite(value):
                 raise TrainingDiverged(
                     f"The loss became {value} at step {step} of {config.steps}; training "
