@@ -19,7 +19,7 @@ from .. import __version__
 from ..lora.io import lora_file_metadata, save_lora_file
 from ..training.config import TrainConfig
 from ..training.loop import evaluate, train
-from ..training.options import OPTIONS_NODE, markdown_table, training_metadata
+from ..training.options import DECLARED, OPTIONS_NODE, markdown_table, training_metadata
 from ..training.plot import png_bytes, render_loss_plot
 from ..training.task import TorchTask, discrete_vp_sigmas
 from .models import TinyUNet
@@ -92,7 +92,84 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     table = sub.add_parser(
         "options-table", help="print the README's Training Options table",
         description="Print the Training Options table of README.md (markdown).")
-    return top, {"demo": demo, "options-table": table}
+    trainer = sub.add_parser(
+        "train", help="train on a model file and a Save Training Data folder (ComfyUI needed)",
+        description="Train a LoRA headless with the Train LoRA node's engine: the model is "
+                    "loaded with ComfyUI's own loader (ComfyUI importable, or COMFYUI_DIR set "
+                    "to a checkout), the data is a folder that Save Training Data wrote. Under "
+                    "torchrun (torchrun --nproc-per-node N -m lora_lab train ...) it trains "
+                    "data-parallel: batch_size is per process.")
+    trainer.add_argument("--model", required=True, type=_existing_file,
+                         help="the diffusion model file (as Load Diffusion Model reads it)")
+    trainer.add_argument("--data", required=True, type=_existing_folder,
+                         help="a folder Save Training Data wrote")
+    trainer.add_argument("--out", required=True, type=_output_folder,
+                         help="output folder for the LoRA, its checkpoints and loss.png")
+    trainer.add_argument("--name", default="lora",
+                         help="file name of the LoRA in --out (default: %(default)s)")
+    trainer.add_argument("--resume", type=_existing_file, default=None,
+                         help="a checkpoint with its .training_state: continue its run exactly")
+    for option in DECLARED:  # every Train LoRA and Training Options setting
+        trainer.add_argument(f"--{option.name}", **_argument(option))
+    return top, {"demo": demo, "options-table": table, "train": trainer}
+
+
+def _argument(option) -> dict:
+    """argparse settings of a declared option (its type, choices and default)."""
+    settings = {"default": option.default, "help": option.help.replace("%", "%%")}
+    if option.kind == "INT":
+        settings["type"] = int
+    elif option.kind == "FLOAT":
+        settings["type"] = float
+    elif option.kind == "BOOLEAN":
+        settings["type"] = _boolean
+        settings["metavar"] = "true|false"
+    elif option.kind == "COMBO":
+        settings["choices"] = option.options()
+    return settings
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def _existing_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path!r} is not a file")
+    return path
+
+
+def _existing_folder(path: str) -> str:
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path!r} is not a folder")
+    return path
+
+
+def import_comfyui() -> str | None:
+    """Make ComfyUI importable (``COMFYUI_DIR``, else an installed one) for the headless
+    trainer, on the CPU when torch has no GPU; returns an error message, or None."""
+    import sys
+
+    folder = os.environ.get("COMFYUI_DIR", "").strip()
+    if folder:
+        folder = os.path.abspath(os.path.expanduser(folder))
+        if not os.path.isfile(os.path.join(folder, "comfy", "model_management.py")):
+            return f"COMFYUI_DIR={folder} is not a ComfyUI checkout (no comfy/model_management.py)"
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    try:
+        import comfy.cli_args
+        import comfy.options  # noqa: F401  (imported first: it decides argument parsing)
+    except ImportError:
+        return ("ComfyUI is not importable: set COMFYUI_DIR to a ComfyUI checkout (the same "
+                "ComfyUI on every machine of a distributed run)")
+    if "comfy.model_management" not in sys.modules:
+        comfy.cli_args.args.cpu = not torch.cuda.is_available()
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +180,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "options-table":
         print(markdown_table(OPTIONS_NODE))
         return 0
+    if args.command == "train":
+        return run_train(args, commands["train"])
     return run_demo(args)
+
+
+def run_train(args: argparse.Namespace, command: argparse.ArgumentParser) -> int:
+    values = {option.name: getattr(args, option.name) for option in DECLARED}
+    try:
+        TrainConfig(**values)  # a bad value is an argument error, before anything loads
+    except ValueError as error:
+        command.error(str(error))
+    problem = import_comfyui()
+    if problem is not None:
+        command.error(problem)
+    from ..nodes.headless import run
+
+    run(args.model, args.data, args.out, values, name=args.name, resume=args.resume)
+    return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -144,4 +144,46 @@ LOAD_DATASET = NodeSpec(
     output_lists=True,
 )
 
-COMPANION_NODES = [SAVE_LORA, PLOT_LOSS, APPLY_LORA, LOAD_DATASET]
+TRAINING_DATA_FOLDER = "training_data"  # under ComfyUI's output directory
+NO_TRAINING_DATA = "[no training data yet]"
+
+SAVE_TRAINING_DATA = NodeSpec(
+    node_id="LoRALab_SaveTrainingData",
+    display_name="Save Training Data",
+    description=(
+        "Save latents and their conditioning as files (safetensors and JSON, no pickle) under "
+        "output/training_data/, for the headless trainer (python -m lora_lab train, also "
+        "under torchrun on several GPUs) or Load Training Data. Never overwrites."),
+    inputs=[
+        ("latents", "LATENT", {"tooltip": "The training latents: a LATENT or a list of them "
+                               "(as Train LoRA takes them); noise masks are kept."}),
+        ("positive", "CONDITIONING", {"tooltip": "Their conditioning, as Train LoRA takes it "
+                                      "(extras such as pooled_output and guidance are kept)."}),
+        ("name", "STRING", {"default": "my_dataset", "tooltip": (
+            "Folder name under output/training_data/; a counter is added when it exists.")}),
+    ],
+    outputs=[("folder", "STRING", "folder",
+              "The folder written (relative to ComfyUI's output directory).")],
+    flags={"is_output_node": True, "is_input_list": True},
+)
+
+LOAD_TRAINING_DATA = NodeSpec(
+    node_id="LoRALab_LoadTrainingData",
+    display_name="Load Training Data",
+    description="Load latents and conditioning that Save Training Data wrote.",
+    inputs=[
+        ("folder", "COMBO", {"options": [NO_TRAINING_DATA], "default": NO_TRAINING_DATA,
+                             "tooltip": "A folder under output/training_data/ that Save "
+                                        "Training Data wrote; refresh (R) after saving."}),
+    ],
+    outputs=[
+        ("latents", "LATENT", "latents", "The saved LATENTs (a list, one per saved LATENT); "
+                                         "connect Train LoRA's latents."),
+        ("positive", "CONDITIONING", "positive", "Their conditioning (a list, one per "
+                                                 "LATENT); connect Train LoRA's positive."),
+    ],
+    output_lists=True,
+)
+
+COMPANION_NODES = [SAVE_LORA, PLOT_LOSS, APPLY_LORA, LOAD_DATASET, SAVE_TRAINING_DATA,
+                   LOAD_TRAINING_DATA]

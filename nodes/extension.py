@@ -11,11 +11,13 @@ from .plot import PlotLoss
 from .save import SaveLoRA
 from .templates import install_template_order
 from .train import TrainLoRA
+from .training_data import LoadTrainingData, SaveTrainingData
 
 log = logging.getLogger(__name__)
 
 NODES: list[type[io.ComfyNode]] = [
-    LoadDataset, TrainLoRA, TrainingOptions, SaveLoRA, PlotLoss, ApplyLoRA]
+    LoadDataset, TrainLoRA, TrainingOptions, SaveLoRA, PlotLoss, ApplyLoRA, SaveTrainingData,
+    LoadTrainingData]
 
 
 class LoRALabExtension(ComfyExtension):

@@ -45,12 +45,13 @@ class CheckpointWriter:
     atomic), then its training state beside it; with ``keep`` > 0 only the newest ``keep``
     checkpoints this writer wrote are kept (it never deletes a file it did not write)."""
 
-    def __init__(self, model, config, batch_size: int) -> None:
+    def __init__(self, model, config, batch_size: int, folder: str | None = None) -> None:
+        """``folder``: where checkpoints go (default: the loras folder)."""
         self.model = model
         self.prefix = config.checkpoint_prefix.strip() or default_prefix(config, model)
         self.keep = config.keep_checkpoints
         self.batch_size = batch_size
-        self.folder = loras_folder()
+        self.folder = folder or loras_folder()
         self.written: list[tuple[str, str]] = []
 
     def check(self) -> None:

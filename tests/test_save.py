@@ -155,7 +155,8 @@ def test_plain_dict_lora_gets_what_its_tensors_tell():
 
 def test_companion_schemas():
     ids = [spec.node_id for spec in COMPANION_NODES]
-    assert ids == ["LoRALab_SaveLoRA", "LoRALab_PlotLoss", "LoRALab_ApplyLoRA", "LoRALab_LoadDataset"]
+    assert ids == ["LoRALab_SaveLoRA", "LoRALab_PlotLoss", "LoRALab_ApplyLoRA", "LoRALab_LoadDataset",
+                   "LoRALab_SaveTrainingData", "LoRALab_LoadTrainingData"]
     assert all(i.startswith("LoRALab_") and i not in CORE_IDS for i in ids)
     for spec in COMPANION_NODES:
         assert spec.display_name and spec.description

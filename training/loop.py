@@ -444,7 +444,8 @@ def _train(task, dataset: LatentSet, config, existing, existing_deltas, on_step,
             stack.enter_context(
                 ForwardPatches(run_patches(task, objective, dataset, batch_size, config)))
         progress = stack.enter_context(tqdm(total=total, initial=done, desc="Train LoRA",
-                                            unit="step", mininterval=1.0))
+                                            unit="step", mininterval=1.0,
+                                            disable=world.rank != 0))
         set_training(optimizer, True)
         for step in range(done + 1, total + 1):
             factor = schedule.factor(step, config, total)

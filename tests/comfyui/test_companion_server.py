@@ -20,7 +20,7 @@ from safetensors import safe_open
 from comfy_server import MODEL_FILE, PACK_DIR_NAME, REPO
 
 PACK_NODES = ["LoRALab_TrainLoRA", "LoRALab_SaveLoRA", "LoRALab_PlotLoss", "LoRALab_ApplyLoRA",
-              "LoRALab_LoadDataset"]
+              "LoRALab_LoadDataset", "LoRALab_SaveTrainingData", "LoRALab_LoadTrainingData"]
 WORKFLOW_DIR = os.path.join(REPO, "example_workflows")
 WORKFLOWS = sorted(f[:-5] for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json"))
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # nodes that live in the frontend, not /object_info
@@ -88,6 +88,9 @@ def test_object_info_lists_every_node_with_tooltips(object_info):
     assert object_info["LoRALab_SaveLoRA"]["output_node"] is True
     assert object_info["LoRALab_PlotLoss"]["output"] == ["IMAGE"]
     assert object_info["LoRALab_LoadDataset"]["output"] == ["LATENT", "CONDITIONING"]
+    assert object_info["LoRALab_LoadDataset"]["output_is_list"] == [True, True]
+    assert object_info["LoRALab_LoadTrainingData"]["output_is_list"] == [True, True]
+    assert object_info["LoRALab_SaveTrainingData"]["output_node"] is True
     # never shadows a core node: the core trainer's nodes are still the core ones
     core_ids = [c for c in ("TrainLoraNode", "SaveLoRANode", "SaveLoRA", "LoraModelLoader",
                             "LossGraphNode") if c in object_info]
