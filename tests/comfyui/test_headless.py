@@ -133,12 +133,22 @@ def test_a_two_process_checkpoint_resumes_in_one_process(pack_nodes, headless_en
     headless(headless_env, ["--model", path, "--data", data, "--out", str(rest),
                             "--batch_size", "2", "--steps", "2", "--resume", str(checkpoint),
                             *common])
+    # and the other way: a 1-process state with batch 2 continues in 2 processes of batch 1
+    single, back = tmp_path / "single", tmp_path / "back"
+    headless(headless_env, ["--model", path, "--data", data, "--out", str(single),
+                            "--batch_size", "2", "--steps", "2", "--checkpoint_every", "2",
+                            "--checkpoint_prefix", "ckpt", *common])
+    headless(headless_env, ["--model", path, "--data", data, "--out", str(back),
+                            "--batch_size", "1", "--steps", "2", "--resume",
+                            str(single / "ckpt_2_steps_00001_.safetensors"), *common],
+             processes=2)
     expected, _ = read(full)
-    resumed, name = read(rest)
-    assert name == "lora_4_steps_00001_.safetensors"
     scale = max(float(t.abs().max()) for t in expected.values())
-    for key, value in expected.items():
-        assert float((resumed[key] - value).abs().max()) <= 1e-5 * scale, key
+    for folder in (rest, back):
+        resumed, name = read(folder)
+        assert name == "lora_4_steps_00001_.safetensors"
+        for key, value in expected.items():
+            assert float((resumed[key] - value).abs().max()) <= 1e-5 * scale, (folder, key)
 
 
 def test_headless_errors_are_one_line_argument_errors(headless_env, tmp_path):
