@@ -340,119 +340,143 @@ def returned_weights(params: list[torch.Tensor], ema: EMA | None,
                 group["train_mode"] = True
 
 
+@dataclass
+class _Run:
+    """What a run trains and steps with, made inside its session (:func:`_setup`)."""
+
+    config: TrainConfig
+    adapters: dict[str, Adapter]
+    deltas: dict[str, NormDelta]
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    base_rates: list[float]  # each parameter group's learning rate before the schedule
+    ema: EMA | None
+    generator: torch.Generator
+    sampler: EpochSampler | BucketSampler
+    count: int  # samples in the dataset
+    batch_size: int  # the micro-batch of all processes together
+    done: int  # steps of the training state resumed
+    total: int  # steps done at the end of this run
+
+    def state(self, step: int) -> TrainingState:
+        """What continues this run exactly after ``step``."""
+        tensors = {**module_tensors("adapter", self.adapters),
+                   **module_tensors("delta", self.deltas)}
+        optimizer_state, optimizer_info = optimizer_tensors(self.optimizer)
+        tensors.update(optimizer_state)
+        if self.ema is not None:
+            tensors.update({f"ema.{i}": s.clone() for i, s in enumerate(self.ema.shadow)})
+        tensors["generator"] = self.generator.get_state()
+        tensors["sampler.pending"] = self.sampler.pending()
+        options = {name: getattr(self.config, name) for name in STATE_OPTIONS}
+        return TrainingState(step, self.total, tensors, {
+            "options": options, "optimizer": optimizer_info, "latents": self.count})
+
+    def due(self, step: int, every: int, at_end: bool) -> bool:
+        """Whether something done ``every`` steps (and at the end) is due after ``step``."""
+        return every > 0 and (step % every == 0 or (at_end and step == self.total))
+
+
+def _setup(task, dataset: LatentSet, config, existing, existing_deltas, resume, world: World,
+           generator: torch.Generator, adapted: ForwardPatches) -> _Run:
+    """The adapters (patched into ``adapted``), optimizer, EMA and sampler of a run, or of the
+    run ``resume`` continues. Called once the clone is loaded: its layers hold the weights it
+    runs with (a LoRA applied before Train LoRA included), which DoRA reads when it is made."""
+    lora_dtype = DTYPES[config.lora_dtype]
+    if callable(existing):  # read from a file: built from the weights the clone runs with
+        adapters, deltas = existing()
+    elif existing is None:
+        targets = find_targets(task.network, config.target_layers, config.include,
+                               config.exclude)
+        adapters = create_adapters(
+            task.network, config.algorithm, config.rank, config.adapter_alpha, lora_dtype,
+            generator, targets=targets, rslora=config.rslora)
+        deltas = create_norm_deltas(task.network, lora_dtype) if config.train_norm_bias else {}
+    else:
+        adapters, deltas = dict(existing), dict(existing_deltas or {})
+    # deltas after adapters: OFT/BOFT rotate base(x) - bias, a bias delta must stay outside
+    adapted.extend(adapter_patches(task.network, adapters) + adapter_patches(task.network, deltas))
+    if resume is not None:
+        load_modules("adapter", adapters, resume.tensors, "adapters")
+        load_modules("delta", deltas, resume.tensors, "norm/bias deltas")
+    trained = [*adapters.values(), *deltas.values()]
+    for module in trained:
+        module.compute_dtype = lora_dtype
+        module.to(task.device)
+    params = [p for module in trained for p in module.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = make_optimizer(
+        config.optimizer, parameter_groups(trained, config), config.learning_rate,
+        weight_decay=config.weight_decay)
+    base_rates = [group["lr"] for group in optimizer.param_groups]
+    ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
+    done = 0
+    if resume is not None:
+        load_optimizer(optimizer, resume.tensors, resume.info["optimizer"])
+        if ema is not None:
+            ema.load([resume.tensors[f"ema.{i}"] for i in range(len(params))])
+        generator.set_state(resume.tensors["generator"])
+        done = resume.step
+        if resume.planned != done + config.steps:
+            log.info("The resumed schedule was planned over %d steps; it now spans %d "
+                     "(%d done + %d).", resume.planned, done + config.steps, done, config.steps)
+    total = done + config.steps
+    if config.warmup_steps and config.warmup_steps >= total:
+        raise ValueError(
+            f"warmup_steps={config.warmup_steps} is not shorter than the run (steps="
+            f"{total}{f', {done} of them resumed' if done else ''}); use fewer warm-up "
+            "steps or more steps.")
+
+    count = len(dataset)
+    batch_size = config.batch_size * world.size  # cut into shares in each step
+    if batch_size > count:
+        log.warning("batch_size %d is larger than the %d latents; training with batch_size %d.",
+                    batch_size, count, count)
+        batch_size = count
+    if dataset.uniform:  # shuffled epochs over all samples, as one stream
+        sampler = EpochSampler(count, generator)
+    else:  # each micro-batch from one bucket of equal shapes
+        sampler = BucketSampler(dataset.buckets, batch_size, generator)
+        log.info("Latents of %d sizes (%s): each micro-batch holds one size.",
+                 len(dataset.buckets), dataset.shape_text())
+    if resume is not None:
+        sampler.restore(resume.tensors["sampler.pending"])
+    return _Run(config, adapters, deltas, params, optimizer, base_rates, ema, generator, sampler,
+                count, batch_size, done, total)
+
+
 def _train(task, dataset: LatentSet, config, existing, existing_deltas, on_step, resume,
            validation, on_checkpoint, on_preview, world: World) -> TrainResult:
     generator = torch.Generator().manual_seed(config.seed)
     objective = objective_of(task, config)
-    lora_dtype = DTYPES[config.lora_dtype]
-    count = len(dataset)
     if resume is not None:
-        check_options(resume.info, config, count)
+        check_options(resume.info, config, len(dataset))
+    losses: list[float] = []
+    validated: list[tuple[int, float]] = []
     adapted = ForwardPatches([])
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen(task.network))
         stack.enter_context(task.session(adapted))
         with world.together("setting up", task.device):
-            # the clone is loaded: its layers hold the weights it runs with (a LoRA applied before
-            # Train LoRA included), which DoRA, OFT and BOFT read when they are made
-            if callable(existing):  # read from a file: built from the weights the clone runs with
-                adapters, deltas = existing()
-            elif existing is None:
-                targets = find_targets(
-                    task.network, config.target_layers, config.include, config.exclude)
-                adapters = create_adapters(
-                    task.network, config.algorithm, config.rank, config.adapter_alpha, lora_dtype,
-                    generator, targets=targets, rslora=config.rslora)
-                deltas = (create_norm_deltas(task.network, lora_dtype) if config.train_norm_bias
-                          else {})
-            else:
-                adapters, deltas = dict(existing), dict(existing_deltas or {})
-            # deltas after adapters: OFT/BOFT rotate base(x) - bias, a bias delta must stay outside
-            adapted.extend(
-                adapter_patches(task.network, adapters) + adapter_patches(task.network, deltas))
-            if resume is not None:
-                load_modules("adapter", adapters, resume.tensors, "adapters")
-                load_modules("delta", deltas, resume.tensors, "norm/bias deltas")
-            trained = [*adapters.values(), *deltas.values()]
-            for module in trained:
-                module.compute_dtype = lora_dtype
-                module.to(task.device)
-            params = [p for module in trained for p in module.parameters()]
-            for p in params:
-                p.requires_grad_(True)
-            optimizer = make_optimizer(
-                config.optimizer, parameter_groups(trained, config), config.learning_rate,
-                weight_decay=config.weight_decay)
-            base_rates = [group["lr"] for group in optimizer.param_groups]
-            ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
-            done = 0
-            if resume is not None:
-                load_optimizer(optimizer, resume.tensors, resume.info["optimizer"])
-                if ema is not None:
-                    ema.load([resume.tensors[f"ema.{i}"] for i in range(len(params))])
-                generator.set_state(resume.tensors["generator"])
-                done = resume.step
-                if resume.planned != done + config.steps:
-                    log.info("The resumed schedule was planned over %d steps; it now spans %d "
-                             "(%d done + %d).", resume.planned, done + config.steps, done,
-                             config.steps)
-            total = done + config.steps
-            if config.warmup_steps and config.warmup_steps >= total:
-                raise ValueError(
-                    f"warmup_steps={config.warmup_steps} is not shorter than the run (steps="
-                    f"{total}{f', {done} of them resumed' if done else ''}); use fewer warm-up "
-                    "steps or more steps.")
-
-            # the micro-batch of all processes together, cut into shares in each step
-            batch_size = config.batch_size * world.size
-            if batch_size > count:
-                log.warning(
-                    "batch_size %d is larger than the %d latents; training with batch_size %d.",
-                    batch_size, count, count)
-                batch_size = count
-            accumulation = config.grad_accumulation_steps
-            per_step = batch_size * accumulation
-            if dataset.uniform:  # shuffled epochs over all samples, as one stream
-                sampler = EpochSampler(count, generator)
-            else:  # each micro-batch from one bucket of equal shapes
-                sampler = BucketSampler(dataset.buckets, batch_size, generator)
-                log.info("Latents of %d sizes (%s): each micro-batch holds one size.",
-                         len(dataset.buckets), dataset.shape_text())
-            if resume is not None:
-                sampler.restore(resume.tensors["sampler.pending"])
+            run = _setup(task, dataset, config, existing, existing_deltas, resume, world,
+                         generator, adapted)
             validate = None
             if config.validation_every > 0:
                 validate = (validation or Validation(task)).prepare(config, dataset)
-
-            def state() -> TrainingState:
-                tensors = {**module_tensors("adapter", adapters), **module_tensors("delta", deltas)}
-                optimizer_state, optimizer_info = optimizer_tensors(optimizer)
-                tensors.update(optimizer_state)
-                if ema is not None:
-                    tensors.update({f"ema.{i}": s.clone() for i, s in enumerate(ema.shadow)})
-                tensors["generator"] = generator.get_state()
-                tensors["sampler.pending"] = sampler.pending()
-                options = {name: getattr(config, name) for name in STATE_OPTIONS}
-                return TrainingState(step, total, tensors, {
-                    "options": options, "optimizer": optimizer_info, "latents": count})
-
-            def due(every: int, at_end: bool) -> bool:
-                return every > 0 and (step % every == 0 or (at_end and step == total))
-
-            losses: list[float] = []
-            validated: list[tuple[int, float]] = []
             stack.enter_context(
-                ForwardPatches(run_patches(task, objective, dataset, batch_size, config)))
-        progress = stack.enter_context(tqdm(total=total, initial=done, desc="Train LoRA",
-                                            unit="step", mininterval=1.0,
+                ForwardPatches(run_patches(task, objective, dataset, run.batch_size, config)))
+        params, optimizer, ema = run.params, run.optimizer, run.ema
+        progress = stack.enter_context(tqdm(total=run.total, initial=run.done,
+                                            desc="Train LoRA", unit="step", mininterval=1.0,
                                             disable=world.rank != 0))
         set_training(optimizer, True)
-        for step in range(done + 1, total + 1):
-            factor = schedule.factor(step, config, total)
-            for group, rate in zip(optimizer.param_groups, base_rates):
+        for step in range(run.done + 1, run.total + 1):
+            factor = schedule.factor(step, config, run.total)
+            for group, rate in zip(optimizer.param_groups, run.base_rates):
                 group["lr"] = rate * factor
-            micro_batches, draws = step_draws(objective, dataset, sampler, batch_size,
-                                              accumulation, generator)
+            micro_batches, draws = step_draws(objective, dataset, run.sampler, run.batch_size,
+                                              config.grad_accumulation_steps, generator)
             step_count = sum(len(samples) for samples in micro_batches)
             step_loss = torch.zeros((), device=task.device)
             with world.together(f"computing step {step}", task.device):
@@ -468,7 +492,7 @@ def _train(task, dataset: LatentSet, config, existing, existing_deltas, on_step,
             value = float(world.sum(step_loss))
             if not math.isfinite(value):
                 raise TrainingDiverged(
-                    f"The loss became {value} at step {step} of {config.steps}; training "
+                    f"The loss became {value} at step {step} of {run.total}; training "
                     f"stopped and nothing was applied. Lower the learning rate (now "
                     f"{config.learning_rate:g}) or use training_dtype fp32.")
             if config.max_grad_norm > 0:
@@ -479,16 +503,17 @@ def _train(task, dataset: LatentSet, config, existing, existing_deltas, on_step,
                 ema.update()
             losses.append(value)
             validation_loss = None
-            if validate is not None and due(config.validation_every, True):
+            if validate is not None and run.due(step, config.validation_every, True):
                 with returned_weights(params, ema, optimizer):
                     validation_loss = validate()
                 validated.append((step, validation_loss))
-            if on_checkpoint is not None and due(config.checkpoint_every, False):
-                saved_state = state()
+            if on_checkpoint is not None and run.due(step, config.checkpoint_every, False):
+                saved_state = run.state(step)
                 with returned_weights(params, ema, optimizer):
-                    lora = export(task, adapters, deltas)
-                on_checkpoint(Checkpoint(step, lora, saved_state, objective.config, adapters))
-            if on_preview is not None and due(config.preview_every, True):
+                    lora = export(task, run.adapters, run.deltas)
+                on_checkpoint(Checkpoint(step, lora, saved_state, objective.config,
+                                         run.adapters))
+            if on_preview is not None and run.due(step, config.preview_every, True):
                 devices = [task.device] if task.device.type == "cuda" else []
                 with returned_weights(params, ema, optimizer), torch.no_grad(), \
                         torch.random.fork_rng(devices=devices):
@@ -496,16 +521,16 @@ def _train(task, dataset: LatentSet, config, existing, existing_deltas, on_step,
             progress.set_postfix(loss=f"{value:.4f}", refresh=False)
             progress.update(1)
             if on_step is not None:
-                on_step(StepReport(step, total, value, config.learning_rate * factor, adapters,
-                                   validation_loss))
+                on_step(StepReport(step, run.total, value, config.learning_rate * factor,
+                                   run.adapters, validation_loss))
         set_training(optimizer, False)  # schedule-free: the evaluation weights are the result
 
     if ema is not None:
         ema.copy_to_params()
     for p in params:
         p.requires_grad_(False)
-    return TrainResult(export(task, adapters, deltas), losses, adapters, batch_size,
-                       objective.config, validated, done)
+    return TrainResult(export(task, run.adapters, run.deltas), losses, run.adapters,
+                       run.batch_size, objective.config, validated, run.done)
 
 
 def export(task: DiffusionTask, adapters: Mapping[str, Adapter],
