@@ -92,12 +92,16 @@ def test_a_noise_mask_weights_the_loss(train_node, comfy):
 
 
 def test_wan_trains_on_images_and_clips_mixed(train_node, comfy, tmp_path):
+    """A tiny Wan 2.1 text-to-video model (dim 128: one head; two blocks; 4096-wide text)
+    built through ComfyUI's detection."""
     family = tiny_families.FAMILIES["wan21_t2v"]
     reason = family.available()
     if reason is not None:
         pytest.skip(reason)
     with torch.inference_mode():
-        model = family.build(seed=1)
+        model = tiny_families._build("wan21_t2v_2", seed=1)
+    assert len(model.model.diffusion_model.blocks) == 2
+    assert type(model.model.model_config).__name__ == "WAN21_T2V"
     g = torch.Generator().manual_seed(0)
     images = {"samples": torch.randn(2, 16, 1, 8, 8, generator=g)}
     clips = {"samples": torch.randn(2, 16, 3, 8, 8, generator=g)}

@@ -348,13 +348,14 @@ def _longcat_image_config():
     return cfg
 
 
-def _wan_config(channels):
+def _wan_config(channels, layers=1):
     def config():
         """Wan text-to-video: dim 128 (one head: detection sets heads = dim / 128), FFN
-        256, one block, patch (1, 2, 2); 16 latent channels (2.1) or 48 (2.2 TI2V-5B)."""
+        256, ``layers`` blocks, patch (1, 2, 2); 16 latent channels (2.1) or 48 (2.2
+        TI2V-5B)."""
         return dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=channels,
                     dim=128, ffn_dim=256, freq_dim=256, text_dim=WAN_CTX, out_dim=channels,
-                    num_heads=1, num_layers=1, window_size=(-1, -1), qk_norm=True,
+                    num_heads=1, num_layers=layers, window_size=(-1, -1), qk_norm=True,
                     cross_attn_norm=True, eps=1e-6)
     return config
 
@@ -492,6 +493,9 @@ _SPECS = {
                            params_cls=FLUX_PARAMS),
     "wan21_t2v": _Spec("comfy.ldm.wan.model:WanModel", _wan_config(16), "WAN21_T2V"),
     "wan22_ti2v": _Spec("comfy.ldm.wan.model:WanModel", _wan_config(48), "WAN22_T2V"),
+    # two blocks (the video test's model; not in FAMILIES)
+    "wan21_t2v_2": _Spec("comfy.ldm.wan.model:WanModel", _wan_config(16, layers=2),
+                         "WAN21_T2V"),
     "hunyuan_video": _Spec(HYV_NET, _hunyuan_video_config, "HunyuanVideo",
                            params_cls=HYV_PARAMS),
     "hunyuan_image21": _Spec(HYV_NET, _hunyuan_image21_config, "HunyuanImage21",
