@@ -20,13 +20,13 @@ import comfy.sd
 
 from .. import __version__
 from ..lora.io import lora_file_metadata, save_lora_file
-from ..training.config import TrainConfig
+from ..training.config import DTYPES, TrainConfig
 from ..training.data_files import load_training_data
 from ..training.distributed import from_environment
 from ..training.loop import train
 from ..training.plot import png_bytes, render_loss_plot
 from .bridge import ComfyTask, check_latents_fit, training_clone
-from .long_runs import CheckpointWriter, run_metadata, training_state_for
+from .long_runs import CheckpointWriter, continuation, run_metadata, training_state_for
 from .train import latent_batches, per_sample_conditioning
 
 log = logging.getLogger(__name__)
@@ -50,23 +50,25 @@ def run(model_path: str, data: str, out: str, values: dict, *, name: str = "lora
         entries = per_sample_conditioning(positive, batches)
         model = comfy.sd.load_diffusion_model(model_path)
         check_latents_fit(model, batches)
-        state = None
-        if resume is not None:
-            state = training_state_for(resume)
-            if state is None:
-                raise ValueError(f"{resume!r} has no training state beside it; give a checkpoint "
-                                 "this trainer or Train LoRA wrote with checkpoint_every.")
+        if resume is not None and training_state_for(resume) is None:
+            raise ValueError(f"{resume!r} has no training state beside it; give a checkpoint "
+                             "this trainer or Train LoRA wrote with checkpoint_every.")
         leader = world.rank == 0
         batch = min(config.batch_size * world.size, sum(b.shape[0] for b in batches))
         writer = CheckpointWriter(model, config, batch, out) \
             if config.checkpoint_every and leader else None
         with torch.inference_mode(False):
             task = ComfyTask(training_clone(model), entries, batches, config.training_dtype)
-            result = train(task, batches, config, masks=masks, resume=state, world=world,
-                           on_checkpoint=writer)
+            existing, state, previous = None, None, 0
+            if resume is not None:
+                existing, previous, state = continuation(resume, task, DTYPES[config.lora_dtype])
+            if writer is not None:  # a checkpoint's steps count from the file's first
+                writer.steps_before = previous - (state.step if state else 0)
+            result = train(task, batches, config, masks=masks, existing=existing,
+                           resume=state, world=world, on_checkpoint=writer)
         if not leader:
             return None
-        steps = result.previous_steps + config.steps
+        steps = previous + config.steps
         metadata = run_metadata(result.config, steps=steps, adapters=result.adapters,
                                 batch_size=result.batch_size, model=model)
         header = lora_file_metadata(result.lora, metadata, steps, __version__)

@@ -13,9 +13,12 @@ import comfy.sample
 import folder_paths
 
 from .. import __version__
-from ..lora.io import lora_file_metadata, save_lora_file
+from ..lora.io import (
+    lora_file_metadata, lora_from_state_dict, read_lora_file, save_lora_file, steps_of,
+)
 from ..training.options import training_metadata
-from ..training.state import TrainingState, state_path
+from ..training.state import TrainingState, from_file, state_path
+from .lora_keys import to_diffusion_model_keys
 from .save import loras_folder
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,9 @@ class CheckpointWriter:
         self.batch_size = batch_size
         self.folder = folder or loras_folder()
         self.written: list[tuple[str, str]] = []
+        # steps a continued LoRA file had before the run's first: part of a checkpoint's
+        # total (its name and metadata), and kept in its state for the runs resuming it
+        self.steps_before = 0
 
     def check(self) -> None:
         """Refuse a bad prefix before the run starts, not at its first checkpoint."""
@@ -64,11 +70,12 @@ class CheckpointWriter:
             raise ValueError(str(error).replace("filename_prefix", "checkpoint_prefix")) from None
 
     def __call__(self, checkpoint) -> None:
-        metadata = run_metadata(checkpoint.config, steps=checkpoint.step,
-                                adapters=checkpoint.adapters, batch_size=self.batch_size,
-                                model=self.model)
-        header = lora_file_metadata(checkpoint.lora, metadata, checkpoint.step, __version__)
-        path = save_lora_file(checkpoint.lora, self.folder, self.prefix, header, checkpoint.step)
+        steps = self.steps_before + checkpoint.step
+        metadata = run_metadata(checkpoint.config, steps=steps, adapters=checkpoint.adapters,
+                                batch_size=self.batch_size, model=self.model)
+        header = lora_file_metadata(checkpoint.lora, metadata, steps, __version__)
+        path = save_lora_file(checkpoint.lora, self.folder, self.prefix, header, steps)
+        checkpoint.state.info["steps_before"] = self.steps_before
         state = state_path(path)
         try:
             checkpoint.state.save(state)
@@ -77,7 +84,7 @@ class CheckpointWriter:
                         "weights only.", state, path)
             state = None
         folder_paths.filename_list_cache.pop("loras", None)
-        log.info("checkpoint at step %d: %s", checkpoint.step, path)
+        log.info("checkpoint at step %d: %s", steps, path)
         self.written.append((path, state))
         while self.keep and len(self.written) > self.keep:
             for old in self.written.pop(0):
@@ -92,6 +99,42 @@ def training_state_for(lora_path: str) -> TrainingState | None:
     if not os.path.exists(path):
         return None
     return TrainingState.load(path)
+
+
+def continuation(path: str, task, lora_dtype: torch.dtype):
+    """How to continue the LoRA file ``path``: ``(adapters, previous steps, state)``.
+
+    With a training state beside it, the run resumes exactly (``state``); its adapters are
+    remade from the options, or, when that run itself continued a LoRA file, from this file
+    (``adapters``). Without one it continues from the file's weights (the optimizer, schedule
+    and data order start afresh). ``adapters`` is a function that builds the file's adapters
+    and norm/bias deltas, called once the training clone is loaded; kohya and PEFT/diffusers
+    names are mapped to ``diffusion_model.<layer>`` through ComfyUI's key map for the model."""
+    name = os.path.basename(path)
+    state = training_state_for(path)
+    if state is not None:
+        log.info("Resuming the run of %s exactly from its training state (step %d).", name,
+                 state.step)
+        if not from_file(state.info):
+            return None, state_steps(state), state
+    else:
+        log.info("%s has no training state beside it: continuing from its weights (the "
+                 "optimizer, schedule and data order start afresh).", name)
+    tensors, metadata = read_lora_file(path)
+    tensors = to_diffusion_model_keys(task.patcher, tensors)
+    lora_from_state_dict(task.network, tensors, task.key_prefix, lora_dtype)  # checked now
+
+    def adapters():  # built again once the clone is loaded, from the weights it runs with
+        return lora_from_state_dict(task.network, tensors, task.key_prefix, lora_dtype)
+
+    steps = state_steps(state) if state is not None else steps_of(metadata, name)
+    return adapters, steps, state
+
+
+def state_steps(state: TrainingState) -> int:
+    """The total steps at a training state: its run's, and those of the LoRA file that run
+    continued."""
+    return state.step + int(state.info.get("steps_before", 0))
 
 
 class Previews:

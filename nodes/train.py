@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from comfy_api.latest import io
@@ -11,15 +10,13 @@ from comfy_api.latest import io
 import comfy.sd
 import folder_paths
 
-from ..lora.io import lora_from_state_dict, read_lora_file, steps_of
 from ..lora.weights import LoraWeights
 from ..training.config import DTYPES, TrainConfig
 from ..training.loop import Validation, train
 from ..training.options import OPTIONS_NODE, node_options
 from .bridge import ComfyTask, check_latents_fit, training_clone
-from .long_runs import CheckpointWriter, Previews, blank_image, run_metadata, training_state_for
+from .long_runs import CheckpointWriter, Previews, blank_image, continuation, run_metadata
 from .options import SOCKETS
-from .lora_keys import to_diffusion_model_keys
 from .progress import LiveProgress
 from .schema import build_schema
 from .spec import NONE_LORA, TRAIN_LORA
@@ -34,32 +31,14 @@ def lora_files() -> list[str]:
 
 
 def load_existing(name: str, task: ComfyTask, lora_dtype: torch.dtype):
-    """The LoRA file ``name`` of the loras folder: its training state when one is beside it
-    (an exact continuation), else a function that makes its adapters and norm/bias deltas,
-    and its steps: ``(adapters, steps, state)``.
-
-    kohya (``lora_unet_...``) and PEFT/diffusers (``lora_A``/``lora_B``) names are mapped to
-    ``diffusion_model.<layer>`` through ComfyUI's own key map for the model."""
+    """Continue the LoRA file ``name`` of the loras folder (:func:`.long_runs.continuation`):
+    ``(adapters, previous steps, training state or None)``."""
     path = folder_paths.get_full_path("loras", name)
     if path is None:
         raise ValueError(
             f"existing_lora {name!r} is not in the loras folder; refresh the node and pick a "
             "listed file, or [None] for a new LoRA.")
-    state = training_state_for(path)
-    if state is not None:
-        log.info("Resuming the run of %s exactly from its training state (step %d).", name,
-                 state.step)
-        return None, state.step, state
-    log.info("%s has no training state beside it: continuing from its weights (the optimizer, "
-             "schedule and data order start afresh).", name)
-    tensors, metadata = read_lora_file(path)
-    tensors = to_diffusion_model_keys(task.patcher, tensors)
-    lora_from_state_dict(task.network, tensors, task.key_prefix, lora_dtype)  # checked now
-
-    def adapters():  # built again once the clone is loaded, from the weights it runs with
-        return lora_from_state_dict(task.network, tensors, task.key_prefix, lora_dtype)
-
-    return adapters, steps_of(metadata, os.path.basename(path)), state
+    return continuation(path, task, lora_dtype)
 
 
 class TrainLoRA(io.ComfyNode):
@@ -111,6 +90,8 @@ class TrainLoRA(io.ComfyNode):
             if existing_lora != NONE_LORA:
                 existing, previous_steps, state = load_existing(
                     existing_lora, task, DTYPES[config.lora_dtype])
+            if writer is not None:  # a checkpoint's steps count from the file's first
+                writer.steps_before = previous_steps - (state.step if state else 0)
             result = train(task, samples, config, masks=masks, existing=existing,
                            on_step=on_step, resume=state, validation=validation,
                            on_checkpoint=writer, on_preview=previews)

@@ -199,3 +199,30 @@ def test_state_file_round_trip_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="could not be read"):
         TrainingState.load(str(tmp_path / "bad.training_state"))
     assert state_path("/a/b/lora_00001_.safetensors") == "/a/b/lora_00001_.training_state"
+
+
+def test_a_continued_lora_file_resumes_from_its_checkpoint_file(tmp_path):
+    """A run that continued a LoRA file's weights (rank 4, while the rank option says 8)
+    resumes exactly: its adapters are rebuilt from the checkpoint's file, not the options."""
+    from lora_lab.lora.io import adapters_from_state_dict
+
+    task, latents = make_task("unet")
+    first = train(task, latents, TrainConfig(steps=2, rank=4, **FP32))
+
+    def adapters_of(lora):
+        return lambda: (adapters_from_state_dict(task.network, lora, "diffusion_model.",
+                                                 torch.float32), {})
+
+    config = TrainConfig(steps=6, rank=8, **EVERYTHING)
+    full = train(task, latents, config, existing=adapters_of(first.lora))
+    _, checkpoints = run_with_checkpoints(
+        task, latents, dataclasses.replace(config, steps=3, checkpoint_every=3),
+        existing=adapters_of(first.lora))
+    [checkpoint] = checkpoints
+    state = through_file(checkpoint.state, tmp_path)
+    assert state.info["adapters_from"] == "file"
+    resumed = train(task, latents, dataclasses.replace(config, steps=3, rank=16), resume=state,
+                    existing=adapters_of(checkpoint.lora))
+    assert_same_lora(resumed.lora, full.lora)
+    with pytest.raises(ValueError, match="give the adapters of its checkpoint file"):
+        train(task, latents, dataclasses.replace(config, steps=3), resume=state)

@@ -47,7 +47,7 @@ from .distributed import SINGLE, World
 from .ema import EMA
 from .state import MUST_MATCH as STATE_OPTIONS
 from .state import (
-    TrainingState, check_options, load_modules, load_optimizer, module_tensors,
+    TrainingState, check_options, from_file, load_modules, load_optimizer, module_tensors,
     optimizer_tensors,
 )
 from .task import DiffusionTask
@@ -298,17 +298,22 @@ def train(
 
     ``existing`` (and ``existing_deltas``, its file's norm/bias deltas) continue a LoRA from
     its weights; it may be a function returning both, called once the model runs with the
-    weights of its session (so a LoRA already applied to the model is what DoRA, OFT and BOFT
-    read); ``resume`` continues the run of a training state exactly (its adapters are
-    recreated as that run made them). A new LoRA gets deltas when ``train_norm_bias`` is on.
+    weights of its session (so a LoRA already applied to the model is what DoRA reads);
+    ``resume`` continues the run of a training state exactly: its adapters are recreated as
+    that run made them, from the options, or, for a run that continued a LoRA file, from its
+    checkpoint file given as ``existing``. A new LoRA gets deltas when ``train_norm_bias`` is on.
     ``validation`` (default: the training latents) is evaluated every ``validation_every``
     steps; ``on_checkpoint`` gets a :class:`Checkpoint` every ``checkpoint_every`` steps and
     ``on_preview`` the step number every ``preview_every`` steps and at the end. ``world``:
     this process's place in a data-parallel run (:mod:`.distributed`; ``batch_size`` is then
     per process); give the callbacks to one rank only."""
     check_latents(latents)
-    if existing is not None and resume is not None:
-        raise ValueError("Give existing adapters or a training state to resume, not both.")
+    if existing is not None and resume is not None and not from_file(resume.info):
+        raise ValueError("This training state's adapters were made from its options: resume "
+                         "it without existing adapters.")
+    if resume is not None and from_file(resume.info) and existing is None:
+        raise ValueError("This training state continued a LoRA file: give the adapters of its "
+                         "checkpoint file (existing) to resume it.")
     with torch.inference_mode(False), torch.enable_grad():
         dataset = prepare(task, [b.clone() for b in as_batches(latents)], masks)
         return _train(task, dataset, config, existing, existing_deltas, on_step,
@@ -357,6 +362,7 @@ class _Run:
     batch_size: int  # the micro-batch of all processes together
     done: int  # steps of the training state resumed
     total: int  # steps done at the end of this run
+    adapters_from: str  # "options" (made from the config) or "file" (a LoRA file's)
 
     def state(self, step: int) -> TrainingState:
         """What continues this run exactly after ``step``."""
@@ -370,7 +376,8 @@ class _Run:
         tensors["sampler.pending"] = self.sampler.pending()
         options = {name: getattr(self.config, name) for name in STATE_OPTIONS}
         return TrainingState(step, self.total, tensors, {
-            "options": options, "optimizer": optimizer_info, "latents": self.count})
+            "options": options, "optimizer": optimizer_info, "latents": self.count,
+            "adapters_from": self.adapters_from})
 
     def due(self, step: int, every: int, at_end: bool) -> bool:
         """Whether something done ``every`` steps (and at the end) is due after ``step``."""
@@ -443,7 +450,7 @@ def _setup(task, dataset: LatentSet, config, existing, existing_deltas, resume, 
     if resume is not None:
         sampler.restore(resume.tensors["sampler.pending"])
     return _Run(config, adapters, deltas, params, optimizer, base_rates, ema, generator, sampler,
-                count, batch_size, done, total)
+                count, batch_size, done, total, "options" if existing is None else "file")
 
 
 def _train(task, dataset: LatentSet, config, existing, existing_deltas, on_step, resume,

@@ -33,6 +33,10 @@ MUST_MATCH = (
     "algorithm", "rank", "alpha", "rslora", "target_layers", "include", "exclude",
     "train_norm_bias", "lora_dtype", "optimizer", "lora_plus_ratio", "ema_decay",
 )
+# A run that continued a LoRA file's weights trained the file's adapters (its algorithm,
+# ranks, alphas, layers and deltas, whatever the options said): its states are resumed from
+# the checkpoint's LoRA file, and only these options must match.
+MUST_MATCH_FROM_FILE = ("lora_dtype", "optimizer", "lora_plus_ratio", "ema_decay")
 
 
 def state_path(lora_path: str) -> str:
@@ -179,12 +183,19 @@ def load_modules(prefix: str, modules: Mapping[str, torch.nn.Module],
             param.copy_(stored[key])
 
 
+def from_file(info: Mapping) -> bool:
+    """Whether the state's run trained a LoRA file's adapters (rebuilt from its checkpoint
+    file on resume) rather than adapters made from its options."""
+    return info.get("adapters_from") == "file"
+
+
 def check_options(info: Mapping, config, latents_count: int) -> None:
     """A ValueError naming every option that differs from the state's (:data:`MUST_MATCH`)
     and a dataset of another size (the pending data order indexes it)."""
     saved = info.get("options", {})
+    names = MUST_MATCH_FROM_FILE if from_file(info) else MUST_MATCH
     differ = [f"{name}={getattr(config, name)!r} (the state has {saved[name]!r})"
-              for name in MUST_MATCH if name in saved and saved[name] != getattr(config, name)]
+              for name in names if name in saved and saved[name] != getattr(config, name)]
     if differ:
         raise ValueError(
             "This run cannot continue the training state: " + "; ".join(differ) + ". Set "

@@ -250,3 +250,25 @@ def test_live_progress_shows_the_newest_previews_beside_the_loss_curve(pack, com
     live(report(3))  # the last step: the curve (with previews off, alone)
     assert sent[2][1].size == (width, height)
     assert live.validation == [[1, 0.9]]
+
+
+def test_a_continued_file_resumes_from_its_checkpoint(train_node, options_node, loras_dir,
+                                                      comfy):
+    """Continue a rank-4 LoRA file while the rank widget says 8, with checkpoints; resuming
+    from a checkpoint (any rank widget) equals the uninterrupted continuation."""
+    import comfy.utils
+
+    model, latents, positive, _ = family_case("sd15")
+    _, base, _, _ = run_train(train_node, model, latents, positive, steps=2, rank=4)
+    comfy.utils.save_torch_file(dict(base), os.path.join(loras_dir, "base_2_steps_.safetensors"))
+    options = make_options(options_node, **dict(EVERYTHING, lr_schedule="constant"))
+    _, full, _, total = run_train(train_node, model, latents, positive, steps=5, rank=8,
+                                  options=options, existing_lora="base_2_steps_.safetensors")
+    assert total == 7
+    chosen = make_options(options_node, options, checkpoint_every=3, checkpoint_prefix="f/run")
+    run_train(train_node, model, latents, positive, steps=3, rank=8, options=chosen,
+              existing_lora="base_2_steps_.safetensors")
+    _, resumed, _, total = run_train(train_node, model, latents, positive, steps=2, rank=16,
+                                     options=options,
+                                     existing_lora="f/run_5_steps_00001_.safetensors")
+    assert total == 7 and same(resumed, full)  # the checkpoint counts the file's 2 steps
