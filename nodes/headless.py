@@ -25,8 +25,9 @@ from ..training.data_files import load_training_data
 from ..training.distributed import from_environment
 from ..training.loop import train
 from ..training.plot import png_bytes, render_loss_plot
+from ..training.state import state_path
 from .bridge import ComfyTask, check_latents_fit, training_clone
-from .long_runs import CheckpointWriter, continuation, run_metadata, training_state_for
+from .long_runs import CheckpointWriter, continuation, run_metadata
 from .train import latent_batches, per_sample_conditioning
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def run(model_path: str, data: str, out: str, values: dict, *, name: str = "lora
         entries = per_sample_conditioning(positive, batches)
         model = comfy.sd.load_diffusion_model(model_path)
         check_latents_fit(model, batches)
-        if resume is not None and training_state_for(resume) is None:
+        if resume is not None and not os.path.exists(state_path(resume)):
             raise ValueError(f"{resume!r} has no training state beside it; give a checkpoint "
                              "this trainer or Train LoRA wrote with checkpoint_every.")
         leader = world.rank == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from comfy_server import REPO
-from test_train_node import family_case, model_output, run_train
+from test_train_node import core_reload, family_case, model_output, run_train
 
 STEPS = 3
 COMMON = ["--steps", str(STEPS), "--rank", "4", "--learning_rate", "0.001", "--seed", "0",
@@ -71,8 +71,6 @@ def read(folder):
 @pytest.mark.parametrize("family", ["sd15", "sd3"])
 def test_exported_data_trains_headless_as_in_the_node(family, pack_nodes, train_node,
                                                       headless_env, tmp_path):
-    import comfy.sd
-
     model, latents, positive, probe, path, data = export(pack_nodes, family, tmp_path)
     # the data reads back as it was given, extras included
     with torch.inference_mode():
@@ -101,17 +99,7 @@ def test_exported_data_trains_headless_as_in_the_node(family, pack_nodes, train_
         # the node's engine: the same LoRA (up to the float rounding of other thread counts)
         assert float((value - in_node[key]).abs().max()) <= 1e-5 * scale, key
         assert float((double[key] - value).abs().max()) <= 1e-5 * scale, key
-    lines = []
-    import logging
-
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logging.getLogger().addHandler(handler)
-    try:
-        with torch.inference_mode():
-            loaded_model = comfy.sd.load_lora_for_models(model, None, double, 1.0, 0)[0]
-    finally:
-        logging.getLogger().removeHandler(handler)
+    loaded_model, lines = core_reload(model, double, tmp_path / "double.safetensors")
     assert not [line for line in lines if "not loaded" in line.lower()], lines
     assert not torch.equal(model_output(loaded_model, probe, positive),
                            model_output(model, probe, positive))

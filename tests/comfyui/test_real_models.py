@@ -2,13 +2,11 @@
 weight_dtype) and a MODEL with a LoRA already applied (LoraLoaderModelOnly before Train
 LoRA), for every algorithm."""
 
-import importlib
-
 import pytest
 import torch
 
 import tiny_models
-from test_algorithms import ALGORITHMS
+from test_algorithms import ALGORITHMS, training_forward_output
 from test_train_node import family_case, model_output, run_train
 
 TOL = 1e-4
@@ -28,18 +26,6 @@ def core_apply(model, lora):
 
     with torch.inference_mode():
         return comfy.sd.load_lora_for_models(model, None, dict(lora), 1.0, 0)[0]
-
-
-def training_forward(pack, model, lora, probe, positive):
-    """``model``'s output with ``lora`` rebuilt into adapters over the weights ``model`` runs
-    with, run as in training (the bypass forward)."""
-    io = importlib.import_module(pack.__name__ + ".lora.io")
-    inject = importlib.import_module(pack.__name__ + ".lora.inject")
-    model_output(model, probe, positive)  # loads model: its layers hold its (patched) weights
-    network = model.model.diffusion_model
-    adapters = io.adapters_from_state_dict(network, lora, "diffusion_model.", torch.float32)
-    with inject.ForwardPatches(inject.adapter_patches(network, adapters)):
-        return model_output(model, probe, positive)
 
 
 @pytest.mark.parametrize("weight_dtype", ["float8_e4m3fn", "float8_e5m2"])
@@ -97,7 +83,7 @@ def test_a_lora_applied_before_training_is_the_base(algorithm, train_node, pack,
     assert (stacked - with_lora).abs().max() <= TOL * scale
     # the new LoRA is relative to the patched weights: its training forward over them is
     # what ComfyUI's merge gives
-    bypass = training_forward(pack, patched, lora, probe, positive)
+    bypass = training_forward_output(pack, patched, lora, probe, positive)
     assert (bypass - stacked).abs().max() <= TOL * scale, algorithm
     assert torch.equal(model_output(model, probe, positive), base_out), "input MODEL changed"
     assert torch.equal(model_output(patched, probe, positive), patched_out), "patched MODEL changed"
