@@ -78,38 +78,76 @@ def layer_geometry(module: nn.Module) -> LayerGeometry | None:
     return None
 
 
+@dataclass(frozen=True)
+class Saved:
+    """One tensor an algorithm saves per module: the declaration every file operation reads.
+
+    ``key`` is the suffix after ``<module>.`` in a file, ``attribute`` the adapter parameter it
+    holds. ``shapes(geometry, dims)`` lists the shapes a file may store for a layer of that
+    geometry, given the sizes ``dims`` read from the file (:meth:`Adapter.file_dims`); the
+    first is the shape the adapter writes. ``float32``: saved in float32 whatever the adapter
+    dtype (DoRA's magnitude). ``ndim``: the identifying tensor has exactly this many axes
+    (OFT's blocks are 3-D, BOFT's 4-D). ``factored``: keys a file may hold instead of this
+    one (LyCORIS's ``lokr_w1_a``/``lokr_w1_b`` for ``lokr_w1``).
+    """
+
+    key: str
+    attribute: str
+    shapes: Callable[[LayerGeometry, Mapping[str, object]], tuple[tuple[int, ...], ...]]
+    float32: bool = False
+    ndim: int | None = None
+    factored: tuple[str, ...] = ()
+
+
+def size(tensor: torch.Tensor, axis: int) -> int:
+    """``tensor.shape[axis]``, or 0 where the tensor has no such axis (a malformed file)."""
+    return tensor.shape[axis] if -tensor.ndim <= axis < tensor.ndim else 0
+
+
 class Adapter(nn.Module):
     """Base class of an adapter around one Linear or Conv layer.
 
-    Subclasses define ``to_state_dict`` / ``from_state_dict`` / ``expected_shapes`` (the keys
-    ComfyUI's LoRA loader reads), ``KEYS`` (the key suffixes of one module; ``KEYS[0]``
-    identifies the algorithm in a file) and either
+    An algorithm is its maths plus a declaration of what it saves:
 
-    - ``delta(x)`` and ``delta_weight()``: an additive adapter, trained as
-      ``base(x) + delta(x)`` (the default :meth:`bypass`), or
-    - their own :meth:`bypass` and :meth:`merged_weight`: an adapter that transforms the base
-      layer's input or output (DoRA, GLoRA, OFT, BOFT).
+    - ``SAVED``: one :class:`Saved` per tensor of a module (``SAVED[0]`` identifies the
+      algorithm in a file), and ``ALPHA``: what the file's ``alpha`` means (``"scale"``: the
+      delta is scaled by ``alpha / rank``; ``"constraint"``: a norm bound, 0 when absent;
+      ``"one"``: not used, stored as 1). Saving, loading, detection, the required-key and
+      shape checks all derive from these (:meth:`to_state_dict`, :meth:`from_state_dict`,
+      :meth:`identifies`, :meth:`required_keys`, :meth:`expected_shapes`).
+    - :meth:`file_dims`: the sizes a file's tensors fix (its rank, block size...), passed to
+      the constructor as keyword arguments (``rank`` positionally).
+    - either ``delta(x)`` and ``delta_weight()``: an additive adapter, trained as
+      ``base(x) + delta(x)`` (the default :meth:`bypass`), or their own :meth:`bypass` and
+      :meth:`merged_weight`: an adapter that transforms the base layer's input or output
+      (DoRA, GLoRA, OFT, BOFT).
 
     No training forward builds ``W + dW``. Parameters are kept in float32 (master weights);
     ``compute_dtype`` is the dtype the adapter's weights are rounded to on every forward and
     saved in, so training sees exactly the weights that are saved.
 
     Constructors take ``(geometry, rank, alpha, compute_dtype, generator=None, *, weight=None,
-    bias=None)``; ``weight``/``bias`` are the wrapped layer's tensors. An algorithm that needs
-    them at training time (``USES_BASE_WEIGHT`` / ``USES_BASE_BIAS``) keeps a detached copy,
-    taken once at creation (the layer's own tensors may be inference tensors or offloaded):
-    the weight in its own dtype if that is fp32/bf16/fp16 (else float32), the bias in
-    float32. The others ignore them.
+    bias=None, **dims)``; ``weight``/``bias`` are the wrapped layer's tensors. An algorithm
+    that needs them at training time (``USES_BASE_WEIGHT`` / ``USES_BASE_BIAS``) keeps a
+    detached copy, taken once at creation (the layer's own tensors may be inference tensors or
+    offloaded): the weight in its own dtype if that is fp32/bf16/fp16 (else float32), the bias
+    in float32. The others ignore them.
     """
 
     NAME: ClassVar[str]
-    KEYS: ClassVar[tuple[str, ...]]
+    SAVED: ClassVar[tuple[Saved, ...]]
+    ALPHA: ClassVar[str] = "scale"
     USES_BASE_WEIGHT: ClassVar[bool] = False
     USES_BASE_BIAS: ClassVar[bool] = False
-    # the delta is scaled by alpha / rank (what rsLoRA rescales to alpha / sqrt(rank))
-    ALPHA_OVER_RANK: ClassVar[bool] = False
     # the zero-initialised output-side factors ("B"), which LoRA+ trains at a higher rate
     UP_PARAMETERS: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.ALPHA not in ("scale", "constraint", "one"):
+            raise TypeError(f"{cls.__name__}.ALPHA must be 'scale', 'constraint' or 'one'.")
+        # the delta is scaled by alpha / rank (what rsLoRA rescales to alpha / sqrt(rank))
+        cls.ALPHA_OVER_RANK = cls.ALPHA == "scale"
 
     def __init__(
         self,
@@ -131,7 +169,12 @@ class Adapter(nn.Module):
             copy = None if bias is None else bias.detach().to(torch.float32, copy=True)
             self.register_buffer("base_bias", copy, persistent=False)
 
-    # -- what a class says about layers and files ---------------------------------------
+    @property
+    def scale(self) -> float:
+        """The factor the delta is scaled by: ``alpha / rank`` where ``ALPHA`` is a scale."""
+        return self.alpha / self.rank if self.ALPHA == "scale" else 1.0
+
+    # -- what a class says about layers ----------------------------------------------------
     @classmethod
     def layer_rank(cls, geometry: LayerGeometry, rank: int) -> int:
         """The rank this layer gets for a requested ``rank`` (low-rank: at most min(in, out))."""
@@ -142,19 +185,106 @@ class Adapter(nn.Module):
         """Whether the algorithm can adapt a layer of this shape at all."""
         return True
 
+    # -- what a class says about files (hooks; the defaults fit most algorithms) -------------
+    @classmethod
+    def file_dims(cls, own: Mapping[str, torch.Tensor]) -> dict[str, object]:
+        """The constructor sizes a module's tensors fix (``own``: suffix -> tensor).
+
+        Read before the shapes are checked, so a malformed tensor gives sizes of 0.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def check_dims(cls, geometry: LayerGeometry, dims: dict, key: str) -> dict:
+        """``dims`` if a layer of ``geometry`` can hold them, else the sizes it could hold (so
+        the shape check names what the layer needs); raise for a form that cannot be read."""
+        return dims
+
+    @classmethod
+    def canonical(cls, own: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        """A module's tensors in the form ``SAVED`` declares (factored forms multiplied out);
+        a ValueError for a form that cannot be continued. ``prefix`` names the module."""
+        return own
+
+    # -- derived from SAVED and ALPHA --------------------------------------------------------
+    @classmethod
+    def _alternatives(cls, saved: Saved) -> tuple[tuple[str, ...], ...]:
+        return ((saved.key,), saved.factored) if saved.factored else ((saved.key,),)
+
     @classmethod
     def identifies(cls, tensors: Mapping[str, torch.Tensor], prefix: str) -> bool:
-        """Whether the keys under ``<prefix>.`` are a module of this algorithm."""
-        return f"{prefix}.{cls.KEYS[0]}" in tensors
+        """Whether the keys under ``<prefix>.`` are a module of this algorithm (the registry
+        asks the most specific algorithm first: DoRA before LoRA)."""
+        first = cls.SAVED[0]
+        for keys in cls._alternatives(first):
+            value = tensors.get(f"{prefix}.{keys[0]}")
+            if value is not None and (first.ndim is None or value.ndim == first.ndim):
+                return True
+        return False
 
     @classmethod
     def identifying_suffixes(cls) -> tuple[str, ...]:
         """Suffixes whose keys name a module of this algorithm (for finding module names)."""
-        return (cls.KEYS[0],)
+        return tuple(keys[0] for keys in cls._alternatives(cls.SAVED[0]))
 
     @classmethod
     def required_keys(cls, tensors: Mapping[str, torch.Tensor], prefix: str) -> list[str]:
-        return [f"{prefix}.{key}" for key in cls.KEYS]
+        """The keys a module must hold: each saved tensor, or all of its factored form."""
+        keys = []
+        for saved in cls.SAVED:
+            full = f"{prefix}.{saved.key}"
+            factored = [f"{prefix}.{k}" for k in saved.factored]
+            use_factored = factored and full not in tensors and factored[0] in tensors
+            keys += factored if use_factored else [full]
+        return keys
+
+    @classmethod
+    def module_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors under ``<prefix>.`` by suffix, in canonical form (:meth:`canonical`)."""
+        own = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        return cls.canonical(own, prefix)
+
+    @classmethod
+    def expected_shapes(cls, geometry: LayerGeometry, own: Mapping[str, torch.Tensor],
+                        prefix: str) -> dict[str, set[tuple[int, ...]]]:
+        """The shapes a module's tensors (``own``, from :meth:`module_tensors`) must have for
+        ``geometry``: {suffix: accepted shapes}."""
+        dims = cls.check_dims(geometry, cls.file_dims(own), f"{prefix}.{cls.SAVED[0].key}")
+        return {s.key: set(s.shapes(geometry, dims)) for s in cls.SAVED}
+
+    def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The module's keys as ComfyUI's loader reads them (each ``SAVED`` tensor + alpha)."""
+        dims = self.file_dims({s.key: getattr(self, s.attribute) for s in self.SAVED})
+        state = {}
+        for saved in self.SAVED:
+            value = getattr(self, saved.attribute).detach()
+            value = value.float() if saved.float32 else value.to(self.compute_dtype)
+            state[f"{prefix}.{saved.key}"] = value.reshape(saved.shapes(self.geometry, dims)[0]).clone()
+        state[f"{prefix}.alpha"] = torch.tensor(self.alpha, dtype=torch.float32)
+        return state
+
+    @classmethod
+    def from_state_dict(
+        cls, geometry: LayerGeometry, tensors: Mapping[str, torch.Tensor], prefix: str,
+        compute_dtype: torch.dtype, *, weight=None, bias=None,
+    ) -> "Adapter":
+        """Rebuild from saved keys (shapes checked with :meth:`expected_shapes` first)."""
+        own = cls.module_tensors(tensors, prefix)
+        dims = dict(cls.file_dims(own))
+        alpha = alpha_of(tensors, prefix)
+        if cls.ALPHA == "scale":
+            alpha = alpha if alpha is not None else float(dims["rank"])  # absent: scale 1
+        elif cls.ALPHA == "constraint":
+            alpha = alpha or 0.0
+        else:
+            alpha = 1.0
+        adapter = cls(geometry, dims.pop("rank"), alpha, compute_dtype, weight=weight, bias=bias,
+                      **dims)
+        with torch.no_grad():
+            for saved in cls.SAVED:
+                parameter = getattr(adapter, saved.attribute)
+                parameter.copy_(own[saved.key].float().reshape(parameter.shape))
+        return adapter
 
     # -- what an algorithm defines -------------------------------------------------------
     def delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,9 +292,6 @@ class Adapter(nn.Module):
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """``W' - W`` in float32 (``base_weight``: ``W``, needed where the delta depends on it)."""
-        raise NotImplementedError
-
-    def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     # -- shared --------------------------------------------------------------------------
@@ -175,9 +302,6 @@ class Adapter(nn.Module):
     def rounded(self, tensor: torch.Tensor) -> torch.Tensor:
         """A master weight rounded to the adapter dtype, as float32 (for weight-space maths)."""
         return tensor.to(self.compute_dtype).float()
-
-    def saved(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().to(self.compute_dtype).clone()
 
     def bypass(self, base_forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """A replacement for the wrapped layer's ``forward``: ``base(x) + delta(x)``."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import LayerGeometry, alpha_of, full_precision
+from .base import LayerGeometry, Saved, full_precision, size
 from .oft import Rotation, cayley
 
 
@@ -56,7 +56,8 @@ def butterfly(rotations: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 class BOFT(Rotation):
     NAME = "BOFT"
-    KEYS = ("oft_blocks",)
+    SAVED = (Saved("oft_blocks", "blocks", lambda g, d: (
+        (d["shape"][0], g.out_features // d["shape"][1], d["shape"][1], d["shape"][1]),), ndim=4),)
     USES_BASE_BIAS = True
 
     def __init__(self, geometry: LayerGeometry, rank: int, alpha: float,
@@ -77,9 +78,17 @@ class BOFT(Rotation):
         return geometry.out_features % 2 == 0
 
     @classmethod
-    def identifies(cls, tensors, prefix):
-        blocks = tensors.get(f"{prefix}.oft_blocks")
-        return blocks is not None and blocks.ndim == 4
+    def file_dims(cls, own):
+        blocks = own["oft_blocks"]
+        stages, block = (size(blocks, 0), size(blocks, -1)) if blocks.ndim == 4 else (0, 0)
+        return {"rank": block, "shape": (stages, block)}
+
+    @classmethod
+    def check_dims(cls, geometry, dims, key):
+        (stages, block), out = dims["shape"], geometry.out_features
+        if stages < 1 or block < 2 or block % 2 or out % (2 ** (stages - 1) * block):
+            stages, block = butterfly_shape(out, 4) if out % 2 == 0 else (1, out)
+        return {"rank": block, "shape": (stages, block)}
 
     def rotations(self) -> torch.Tensor:
         blocks = self.rounded(self.blocks)
@@ -113,23 +122,3 @@ class BOFT(Rotation):
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight_of(base_weight)
         return butterfly(self.rotations(), weight) - weight
-
-
-    @classmethod
-    def from_state_dict(cls, geometry, tensors, prefix, compute_dtype, *, weight=None, bias=None):
-        blocks = tensors[f"{prefix}.oft_blocks"]
-        alpha = alpha_of(tensors, prefix)
-        adapter = cls(geometry, blocks.shape[-1], alpha or 0.0, compute_dtype, weight=weight,
-                      bias=bias, shape=(blocks.shape[0], blocks.shape[-1]))
-        with torch.no_grad():
-            adapter.blocks.copy_(blocks.float())
-        return adapter
-
-    @staticmethod
-    def expected_shapes(geometry, tensors, prefix):
-        blocks = tensors[f"{prefix}.oft_blocks"]
-        out = geometry.out_features
-        stages, size = (blocks.shape[0], blocks.shape[-1]) if blocks.ndim == 4 else (0, 0)
-        if stages < 1 or size < 2 or size % 2 or out % (2 ** (stages - 1) * size):
-            stages, size = butterfly_shape(out, 4) if out % 2 == 0 else (1, out)
-        return {f"{prefix}.oft_blocks": {(stages, out // size, size, size)}}

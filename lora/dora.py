@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import LayerGeometry, full_precision
+from .base import LayerGeometry, Saved, full_precision
 from .lora import LoRA
 
 EPS = torch.finfo(torch.float32).eps  # what ComfyUI adds to the norm of its float32 weight
@@ -35,9 +35,12 @@ EPS = torch.finfo(torch.float32).eps  # what ComfyUI adds to the norm of its flo
 
 class DoRA(LoRA):
     NAME = "DoRA"
-    ALPHA_OVER_RANK = True
     UP_PARAMETERS = ("up",)
-    KEYS = ("dora_scale", "lora_up.weight", "lora_down.weight")
+    SAVED = (
+        Saved("dora_scale", "magnitude", lambda g, d: (
+            (1, g.in_features, *((1,) * len(g.kernel_size))), (1, g.in_features)), float32=True),
+        *LoRA.SAVED,
+    )
     USES_BASE_WEIGHT = True
 
     def __init__(self, geometry: LayerGeometry, rank: int, alpha: float,
@@ -50,10 +53,6 @@ class DoRA(LoRA):
         with torch.no_grad():
             norm = self.column_norm(self.rounded(self.up).flatten(1), self.rounded(self.down).flatten(1))
         self.magnitude = nn.Parameter(norm.clone())
-
-    @classmethod
-    def identifies(cls, tensors, prefix) -> bool:
-        return f"{prefix}.dora_scale" in tensors and f"{prefix}.lora_up.weight" in tensors
 
     def column_norm(self, up: torch.Tensor, down: torch.Tensor,
                     weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,24 +101,3 @@ class DoRA(LoRA):
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight_of(base_weight)
         return self.merged_weight(weight) - weight
-
-    def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        state = super().to_state_dict(prefix)
-        shape = (1, self.geometry.in_features, *([1] * len(self.geometry.kernel_size)))
-        state[f"{prefix}.dora_scale"] = self.magnitude.detach().float().reshape(shape).clone()
-        return state
-
-    @classmethod
-    def from_state_dict(cls, geometry, tensors, prefix, compute_dtype, *, weight=None, bias=None):
-        adapter = super().from_state_dict(
-            geometry, tensors, prefix, compute_dtype, weight=weight, bias=bias)
-        with torch.no_grad():
-            adapter.magnitude.copy_(tensors[f"{prefix}.dora_scale"].float().flatten())
-        return adapter
-
-    @staticmethod
-    def expected_shapes(geometry, tensors, prefix):
-        shapes = LoRA.expected_shapes(geometry, tensors, prefix)
-        ones = (1,) * len(geometry.kernel_size)
-        shapes[f"{prefix}.dora_scale"] = {(1, geometry.in_features, *ones), (1, geometry.in_features)}
-        return shapes

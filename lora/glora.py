@@ -24,16 +24,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, LayerGeometry, alpha_of, kaiming_uniform_
+from .base import Adapter, LayerGeometry, Saved, kaiming_uniform_, size
 
-_NAMES = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
+
+
+def _ones(g: LayerGeometry) -> tuple[int, ...]:
+    return (1,) * len(g.kernel_size)
 
 
 class GLoRA(Adapter):
     NAME = "GLoRA"
-    ALPHA_OVER_RANK = True
     UP_PARAMETERS = ("a1", "b1")
-    KEYS = _NAMES
+    SAVED = (
+        Saved("a1.weight", "a1",
+              lambda g, d: ((g.in_features, d["rank"]), (g.in_features, d["rank"], *_ones(g)))),
+        Saved("a2.weight", "a2",
+              lambda g, d: ((d["rank"], g.in_features), (d["rank"], g.in_features, *_ones(g)))),
+        Saved("b1.weight", "b1", lambda g, d: (
+            (g.out_features, d["rank"], *_ones(g)), (g.out_features, d["rank"]))),
+        Saved("b2.weight", "b2", lambda g, d: (
+            (d["rank"], g.in_features, *g.kernel_size), (d["rank"], g.fan_in))),
+    )
 
     def __init__(self, geometry: LayerGeometry, rank: int, alpha: float,
                  compute_dtype: torch.dtype, generator: torch.Generator | None = None, *,
@@ -61,9 +72,19 @@ class GLoRA(Adapter):
             rank = g.out_features - 1  # r == in == out would load as old-style GLoRA
         return max(1, rank)
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+    @classmethod
+    def file_dims(cls, own):
+        return {"rank": size(own["a2.weight"], 0)}
+
+    @classmethod
+    def check_dims(cls, geometry, dims, key):
+        rank = dims["rank"]
+        if geometry.in_features == geometry.out_features == rank:
+            raise ValueError(
+                f"The LoRA key {key[:-len('a1.weight')]}a2.weight has rank {rank} on a square "
+                f"{rank}x{rank} layer, which ComfyUI reads as old-style LyCORIS GLoRA; it cannot "
+                "be continued.")
+        return dims
 
     def bypass(self, base_forward):
         g = self.geometry
@@ -84,38 +105,3 @@ class GLoRA(Adapter):
         a1, a2, b1, b2 = (self.rounded(p).flatten(1) for p in (self.a1, self.a2, self.b1, self.b2))
         mixed = torch.einsum("oi...,ij->oj...", weight, a1 @ a2)
         return (mixed + (b1 @ b2).reshape(g.weight_shape)) * self.scale
-
-    def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        params = (self.a1, self.a2, self.b1, self.b2)
-        state = {f"{prefix}.{name}": self.saved(p) for name, p in zip(_NAMES, params)}
-        state[f"{prefix}.alpha"] = torch.tensor(self.alpha, dtype=torch.float32)
-        return state
-
-    @classmethod
-    def from_state_dict(cls, geometry, tensors, prefix, compute_dtype, *, weight=None, bias=None):
-        rank = tensors[f"{prefix}.a2.weight"].shape[0]
-        alpha = alpha_of(tensors, prefix)
-        adapter = cls(geometry, rank, alpha if alpha is not None else float(rank), compute_dtype,
-                      weight=weight, bias=bias)
-        with torch.no_grad():
-            for name, p in zip(_NAMES, (adapter.a1, adapter.a2, adapter.b1, adapter.b2)):
-                p.copy_(tensors[f"{prefix}.{name}"].float().reshape(p.shape))
-        return adapter
-
-    @staticmethod
-    def expected_shapes(geometry, tensors, prefix):
-        g = geometry
-        shape = tensors[f"{prefix}.a2.weight"].shape
-        rank = shape[0] if len(shape) else 0
-        ones = (1,) * len(g.kernel_size)
-        shapes = {
-            f"{prefix}.a1.weight": {(g.in_features, rank), (g.in_features, rank, *ones)},
-            f"{prefix}.a2.weight": {(rank, g.in_features), (rank, g.in_features, *ones)},
-            f"{prefix}.b1.weight": {(g.out_features, rank), (g.out_features, rank, *ones)},
-            f"{prefix}.b2.weight": {(rank, g.fan_in), (rank, g.in_features, *g.kernel_size)},
-        }
-        if g.in_features == g.out_features == rank:
-            raise ValueError(
-                f"The LoRA key {prefix}.a2.weight has rank {rank} on a square {rank}x{rank} "
-                "layer, which ComfyUI reads as old-style LyCORIS GLoRA; it cannot be continued.")
-        return shapes

@@ -11,7 +11,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import ADAPTERS
+from . import ADAPTERS, DETECTION_ORDER
 from .base import Adapter
 from .diff import NormDelta, is_norm_delta_key, norm_deltas_from_state_dict
 from .inject import find_targets
@@ -65,17 +65,15 @@ def modules_by_algorithm(
     tensors: Mapping[str, torch.Tensor], prefix: str = ""
 ) -> dict[type[Adapter], list[str]]:
     """The module names (after ``prefix``) each algorithm's keys name, in sorted order."""
+    modules = {key[: -len(suffix) - 1] for key in tensors if key.startswith(prefix)
+               for cls in DETECTION_ORDER for suffix in cls.identifying_suffixes()
+               if key.endswith("." + suffix)}
     found: dict[type[Adapter], set[str]] = {}
-    for key in tensors:
-        if not key.startswith(prefix):
-            continue
-        for cls in ADAPTERS.values():
-            for suffix in cls.identifying_suffixes():
-                if key.endswith("." + suffix):
-                    module = key[: -len(suffix) - 1]
-                    if cls.identifies(tensors, module):
-                        found.setdefault(cls, set()).add(module[len(prefix):])
-    return {cls: sorted(names) for cls, names in found.items()}
+    for module in modules:
+        cls = next((c for c in DETECTION_ORDER if c.identifies(tensors, module)), None)
+        if cls is not None:
+            found.setdefault(cls, set()).add(module[len(prefix):])
+    return {cls: sorted(found[cls]) for cls in ADAPTERS.values() if cls in found}
 
 
 def detect_algorithm(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> type[Adapter]:
@@ -105,7 +103,7 @@ def _adapters(network, tensors, prefix, dtype) -> tuple[type[Adapter], dict[str,
     # any Linear or conv of any kernel: the file decides what it adapts, whatever a new run
     # would target
     targets = find_targets(network, "all")
-    suffix = "." + cls.KEYS[0]
+    suffix = "." + cls.SAVED[0].key
     adapters, used = {}, set()
     for name in found[cls]:
         key_prefix = prefix + name
@@ -126,8 +124,11 @@ def _adapters(network, tensors, prefix, dtype) -> tuple[type[Adapter], dict[str,
                     "The file is damaged.")
             if value.ndim and 0 in value.shape:
                 raise ValueError(f"The LoRA key {key} is empty (shape {list(value.shape)}).")
-        for key, accepted in cls.expected_shapes(geometry, tensors, key_prefix).items():
-            shape = tuple(tensors[key].shape)
+        canonical = cls.module_tensors(tensors, key_prefix)
+        for part, accepted in cls.expected_shapes(geometry, canonical, key_prefix).items():
+            key, shape = f"{key_prefix}.{part}", tuple(canonical[part].shape)
+            if key not in tensors:
+                key = f"{key_prefix}.{part} (multiplied out)"
             if shape not in accepted:
                 want = " or ".join(str(list(s)) for s in sorted(accepted))
                 raise ValueError(

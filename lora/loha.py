@@ -19,16 +19,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, LayerGeometry, alpha_of, full_precision
+from .base import Adapter, LayerGeometry, Saved, full_precision, size
 
-_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+def _factor(key: str, attribute: str, outer: bool) -> Saved:
+    if outer:  # [out, r]
+        return Saved(key, attribute, lambda g, d: ((g.out_features, d["rank"]),))
+    return Saved(key, attribute, lambda g, d: ((d["rank"], g.fan_in),))
 
 
 class LoHa(Adapter):
     NAME = "LoHa"
-    ALPHA_OVER_RANK = True
     UP_PARAMETERS = ("w1_a", "w2_a")
-    KEYS = _NAMES
+    SAVED = (
+        _factor("hada_w1_a", "w1_a", True), _factor("hada_w1_b", "w1_b", False),
+        _factor("hada_w2_a", "w2_a", True), _factor("hada_w2_b", "w2_b", False),
+    )
 
     def __init__(self, geometry: LayerGeometry, rank: int, alpha: float,
                  compute_dtype: torch.dtype, generator: torch.Generator | None = None, *,
@@ -47,9 +53,17 @@ class LoHa(Adapter):
                 self.w1_b.normal_(0.0, 1.0, generator=generator)
                 self.w2_b.normal_(0.0, 1.0, generator=generator)
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+    @classmethod
+    def canonical(cls, own, prefix):
+        if "hada_t1" in own:
+            raise ValueError(
+                f"The LoRA key {prefix}.hada_t1 is a Tucker-decomposed LoHa, which cannot be "
+                "continued; start a new LoHa or pick another file.")
+        return own
+
+    @classmethod
+    def file_dims(cls, own):
+        return {"rank": size(own["hada_w1_b"], 0)}
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         w1a, w1b, w2a, w2b = (self.rounded(p) for p in (self.w1_a, self.w1_b, self.w2_a, self.w2_b))
@@ -59,34 +73,3 @@ class LoHa(Adapter):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.geometry.linear_op(x, self.delta_weight().to(x.dtype))
-
-    def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        params = (self.w1_a, self.w1_b, self.w2_a, self.w2_b)
-        state = {f"{prefix}.{name}": self.saved(p) for name, p in zip(_NAMES, params)}
-        state[f"{prefix}.alpha"] = torch.tensor(self.alpha, dtype=torch.float32)
-        return state
-
-    @classmethod
-    def from_state_dict(cls, geometry, tensors, prefix, compute_dtype, *, weight=None, bias=None):
-        rank = tensors[f"{prefix}.hada_w1_b"].shape[0]
-        alpha = alpha_of(tensors, prefix)
-        adapter = cls(geometry, rank, alpha if alpha is not None else float(rank), compute_dtype,
-                      weight=weight, bias=bias)
-        with torch.no_grad():
-            for name, p in zip(_NAMES, (adapter.w1_a, adapter.w1_b, adapter.w2_a, adapter.w2_b)):
-                p.copy_(tensors[f"{prefix}.{name}"].float().reshape(p.shape))
-        return adapter
-
-    @staticmethod
-    def expected_shapes(geometry, tensors, prefix):
-        if f"{prefix}.hada_t1" in tensors:
-            raise ValueError(
-                f"The LoRA key {prefix}.hada_t1 is a Tucker-decomposed LoHa, which cannot be "
-                "continued; start a new LoHa or pick another file.")
-        shape = tensors[f"{prefix}.hada_w1_b"].shape
-        rank = shape[0] if len(shape) else 0
-        out, fan_in = geometry.out_features, geometry.fan_in
-        return {
-            f"{prefix}.hada_w1_a": {(out, rank)}, f"{prefix}.hada_w1_b": {(rank, fan_in)},
-            f"{prefix}.hada_w2_a": {(out, rank)}, f"{prefix}.hada_w2_b": {(rank, fan_in)},
-        }

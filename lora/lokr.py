@@ -25,14 +25,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, LayerGeometry, alpha_of, full_precision, kaiming_uniform_, split_dimension
+from .base import (Adapter, LayerGeometry, Saved, alpha_of, full_precision, kaiming_uniform_, size,
+                   split_dimension)
+
+
+def _w2_shapes(g: LayerGeometry, d) -> tuple[tuple[int, ...], ...]:
+    o1, i1 = d["w1_shape"]
+    o2, i2 = g.out_features // o1, g.in_features // i1
+    return (o2, i2 * (g.fan_in // g.in_features)), (o2, i2, *g.kernel_size)
 
 
 class LoKr(Adapter):
     NAME = "LoKr"
-    ALPHA_OVER_RANK = False
+    ALPHA = "one"
     UP_PARAMETERS = ("w2",)
-    KEYS = ("lokr_w1", "lokr_w2")
+    SAVED = (
+        Saved("lokr_w1", "w1", lambda g, d: (tuple(d["w1_shape"]),),
+              factored=("lokr_w1_a", "lokr_w1_b")),
+        Saved("lokr_w2", "w2", _w2_shapes, factored=("lokr_w2_a", "lokr_w2_b")),
+    )
 
     def __init__(self, geometry: LayerGeometry, rank: int, alpha: float,
                  compute_dtype: torch.dtype, generator: torch.Generator | None = None, *,
@@ -57,20 +68,44 @@ class LoKr(Adapter):
         return rank  # a factor, not a rank: split_dimension picks what the layer allows
 
     @classmethod
-    def identifies(cls, tensors, prefix):
-        return f"{prefix}.lokr_w1" in tensors or f"{prefix}.lokr_w1_a" in tensors
+    def file_dims(cls, own):
+        w1 = own["lokr_w1"]
+        o1, i1 = size(w1, 0), (w1[0].numel() if w1.ndim >= 2 and size(w1, 0) else 0)
+        return {"rank": min(o1, i1), "w1_shape": (o1, i1)}
 
     @classmethod
-    def identifying_suffixes(cls):
-        return ("lokr_w1", "lokr_w1_a")
+    def check_dims(cls, geometry, dims, key):
+        o1, i1 = dims["w1_shape"]
+        if o1 < 1 or i1 < 1 or geometry.out_features % o1 or geometry.in_features % i1:
+            return {"rank": 4, "w1_shape": (split_dimension(geometry.out_features, 4)[0],
+                                            split_dimension(geometry.in_features, 4)[0])}
+        return dims
 
     @classmethod
-    def required_keys(cls, tensors, prefix):
-        keys = []
+    def canonical(cls, own, prefix):
+        """Factored ``lokr_w*_a``/``_b`` multiplied out, with ComfyUI's scale (``alpha / dim``,
+        ``dim`` the inner size of the last factored one) folded into ``w2``."""
+        own, dim = dict(own), None
         for w in ("w1", "w2"):
-            full = f"{prefix}.lokr_{w}"
-            keys += [full] if full in tensors or f"{full}_a" not in tensors else [f"{full}_a", f"{full}_b"]
-        return keys
+            full, a_key, b_key = f"lokr_{w}", f"lokr_{w}_a", f"lokr_{w}_b"
+            if full in own or a_key not in own:
+                continue
+            if w == "w2" and "lokr_t2" in own:
+                raise ValueError(
+                    f"The LoRA key {prefix}.lokr_t2 is a Tucker-decomposed LoKr, which "
+                    "cannot be continued; start a new LoKr or pick another file.")
+            a, b = own.pop(a_key).float(), own.pop(b_key).float()
+            if a.ndim < 2 or b.ndim < 2 or a[0].numel() != b.shape[0] or 0 in (*a.shape, *b.shape):
+                raise ValueError(
+                    f"The LoRA keys {prefix}.{a_key} {list(a.shape)} and {prefix}.{b_key} "
+                    f"{list(b.shape)} do not multiply; the file is damaged.")
+            dim = b.shape[0]
+            own[full] = a.flatten(1) @ b.flatten(1)
+        if dim is not None:
+            alpha = alpha_of({f"{prefix}.alpha": own["alpha"]} if "alpha" in own else {}, prefix)
+            if alpha is not None:
+                own["lokr_w2"] = own["lokr_w2"].float() * (alpha / dim)
+        return own
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         w1, w2 = self.rounded(self.w1), self.rounded(self.w2)
@@ -90,76 +125,3 @@ class LoKr(Adapter):
         hidden = g.linear_op(split, w2.reshape(o2, -1, *g.kernel_size))
         hidden = hidden.reshape(batch, i1, o2, *hidden.shape[2:])
         return torch.einsum("ai,ni...->na...", w1, hidden).flatten(1, 2)
-
-    def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {
-            f"{prefix}.lokr_w1": self.saved(self.w1),
-            f"{prefix}.lokr_w2": self.saved(self.w2),
-            f"{prefix}.alpha": torch.tensor(self.alpha, dtype=torch.float32),
-        }
-
-    @staticmethod
-    def factors(tensors, prefix) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``w1``, ``w2`` (float32, as stored or multiplied out) and ComfyUI's scale."""
-        dim, factors = None, []
-        for w in ("w1", "w2"):
-            full = tensors.get(f"{prefix}.lokr_{w}")
-            if full is None:
-                if f"{prefix}.lokr_{w}_a" not in tensors:
-                    raise ValueError(f"The LoRA lacks {prefix}.lokr_{w}; the file is incomplete.")
-                if w == "w2" and f"{prefix}.lokr_t2" in tensors:
-                    raise ValueError(
-                        f"The LoRA key {prefix}.lokr_t2 is a Tucker-decomposed LoKr, which "
-                        "cannot be continued; start a new LoKr or pick another file.")
-                a, b = tensors[f"{prefix}.lokr_{w}_a"].float(), tensors[f"{prefix}.lokr_{w}_b"].float()
-                dim = b.shape[0]
-                full = a.flatten(1) @ b.flatten(1)
-            factors.append(full.float())
-        alpha = alpha_of(tensors, prefix)
-        scale = alpha / dim if (alpha is not None and dim is not None) else 1.0
-        return factors[0], factors[1], scale
-
-    @classmethod
-    def from_state_dict(cls, geometry, tensors, prefix, compute_dtype, *, weight=None, bias=None):
-        w1, w2, scale = cls.factors(tensors, prefix)
-        adapter = cls(geometry, min(w1.shape), 1.0, compute_dtype, weight=weight, bias=bias,
-                      w1_shape=tuple(w1.shape))
-        with torch.no_grad():
-            adapter.w1.copy_(w1)
-            adapter.w2.copy_((w2 * scale).reshape(adapter.w2.shape))
-        return adapter
-
-    @staticmethod
-    def expected_shapes(geometry, tensors, prefix):
-        """Shapes for this layer, given the file's own ``w1`` (which fixes the split)."""
-        g = geometry
-        kernel = g.fan_in // g.in_features
-
-        def dims(t: torch.Tensor) -> tuple[int, int]:
-            return (t.shape[0], t[0].numel()) if t.ndim >= 2 and t.shape[0] else (0, 0)
-
-        w1 = tensors.get(f"{prefix}.lokr_w1")
-        if w1 is not None:
-            o1, i1 = dims(w1)
-        else:
-            o1, i1 = dims(tensors[f"{prefix}.lokr_w1_a"])[0], dims(tensors[f"{prefix}.lokr_w1_b"])[1]
-        if o1 < 1 or i1 < 1 or g.out_features % o1 or g.in_features % i1:
-            want = (split_dimension(g.out_features, 4)[0], split_dimension(g.in_features, 4)[0])
-            key = f"{prefix}.lokr_w1" if w1 is not None else f"{prefix}.lokr_w1_a"
-            return {key: {want}}
-        shapes = {}
-        if w1 is None:
-            inner = tensors[f"{prefix}.lokr_w1_b"].shape[0]
-            shapes[f"{prefix}.lokr_w1_a"] = {(o1, inner)}
-            shapes[f"{prefix}.lokr_w1_b"] = {(inner, i1)}
-        else:
-            shapes[f"{prefix}.lokr_w1"] = {(o1, i1)}
-        o2, i2 = g.out_features // o1, g.in_features // i1
-        if f"{prefix}.lokr_w2" in tensors:
-            shapes[f"{prefix}.lokr_w2"] = {(o2, i2 * kernel), (o2, i2, *g.kernel_size)}
-        else:
-            b = tensors[f"{prefix}.lokr_w2_b"]
-            inner = b.shape[0] if b.ndim else 0
-            shapes[f"{prefix}.lokr_w2_a"] = {(o2, inner)}
-            shapes[f"{prefix}.lokr_w2_b"] = {(inner, i2 * kernel), (inner, i2, *g.kernel_size)}
-        return shapes

@@ -18,14 +18,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, LayerGeometry, alpha_of, kaiming_uniform_
+from .base import Adapter, LayerGeometry, Saved, kaiming_uniform_, size
+
+
+def _ones(g: LayerGeometry) -> tuple[int, ...]:
+    return (1,) * len(g.kernel_size)
 
 
 class LoRA(Adapter):
     NAME = "LoRA"
-    ALPHA_OVER_RANK = True
     UP_PARAMETERS = ("up",)
-    KEYS = ("lora_up.weight", "lora_down.weight")
+    SAVED = (
+        Saved("lora_up.weight", "up",
+              lambda g, d: ((g.out_features, d["rank"], *_ones(g)), (g.out_features, d["rank"]))),
+        Saved("lora_down.weight", "down",
+              lambda g, d: ((d["rank"], g.in_features, *g.kernel_size), (d["rank"], g.fan_in))),
+    )
 
     def __init__(
         self,
@@ -42,19 +50,14 @@ class LoRA(Adapter):
         self.rank = rank
         self.alpha = float(alpha)
         g = geometry
-        spatial_ones = (1,) * len(g.kernel_size)
         self.down = nn.Parameter(torch.empty(rank, g.in_features, *g.kernel_size))
-        self.up = nn.Parameter(torch.zeros(g.out_features, rank, *spatial_ones))
+        self.up = nn.Parameter(torch.zeros(g.out_features, rank, *_ones(g)))
         if generator is not None:
             kaiming_uniform_(self.down, generator)
 
     @classmethod
-    def identifies(cls, tensors, prefix) -> bool:
-        return f"{prefix}.lora_up.weight" in tensors and f"{prefix}.dora_scale" not in tensors
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+    def file_dims(cls, own):
+        return {"rank": size(own["lora_down.weight"], 0)}
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         g = self.geometry
@@ -66,42 +69,3 @@ class LoRA(Adapter):
         down = self.rounded(self.down).flatten(1)
         up = self.rounded(self.up).flatten(1)
         return (up @ down).reshape(self.geometry.weight_shape) * self.scale
-
-    def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {
-            f"{prefix}.lora_up.weight": self.saved(self.up),
-            f"{prefix}.lora_down.weight": self.saved(self.down),
-            f"{prefix}.alpha": torch.tensor(self.alpha, dtype=torch.float32),
-        }
-
-    @classmethod
-    def from_state_dict(
-        cls, geometry: LayerGeometry, tensors: dict[str, torch.Tensor], prefix: str,
-        compute_dtype: torch.dtype, *, weight=None, bias=None,
-    ) -> "LoRA":
-        """Rebuild from saved keys; shapes were checked with :meth:`expected_shapes`."""
-        up = tensors[f"{prefix}.lora_up.weight"]
-        down = tensors[f"{prefix}.lora_down.weight"]
-        rank = down.shape[0]
-        alpha = alpha_of(tensors, prefix)
-        alpha = alpha if alpha is not None else float(rank)  # absent: ComfyUI uses scale 1
-        adapter = cls(geometry, rank, alpha, compute_dtype, weight=weight, bias=bias)
-        with torch.no_grad():
-            adapter.down.copy_(down.float().reshape(adapter.down.shape))
-            adapter.up.copy_(up.float().reshape(adapter.up.shape))
-        return adapter
-
-    @staticmethod
-    def expected_shapes(geometry: LayerGeometry, tensors: dict[str, torch.Tensor], prefix: str):
-        """The shapes the saved keys must have for ``geometry``: {key: accepted shapes}."""
-        g = geometry
-        down_shape = tensors[f"{prefix}.lora_down.weight"].shape
-        rank = down_shape[0] if len(down_shape) else 0
-        ones = (1,) * len(g.kernel_size)
-        down = (rank, g.in_features, *g.kernel_size)
-        flat_down = (rank, g.fan_in)
-        up = (g.out_features, rank, *ones)
-        return {
-            f"{prefix}.lora_down.weight": {down, flat_down},
-            f"{prefix}.lora_up.weight": {up, (g.out_features, rank)},
-        }

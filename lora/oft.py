@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, LayerGeometry, alpha_of, full_precision
+from .base import Adapter, LayerGeometry, Saved, full_precision, size
 
 
 def block_size(dimension: int, rank: int) -> int:
@@ -61,16 +61,13 @@ class Rotation(Adapter):
             return out
         return out - self.per_channel(self.base_bias.to(out.dtype), out)
 
-    def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {
-            f"{prefix}.oft_blocks": self.saved(self.blocks),
-            f"{prefix}.alpha": torch.tensor(self.alpha, dtype=torch.float32),
-        }
+    ALPHA = "constraint"
 
 
 class OFT(Rotation):
     NAME = "OFT"
-    KEYS = ("oft_blocks",)
+    SAVED = (Saved("oft_blocks", "blocks", lambda g, d: (
+        (g.out_features // d["size"], d["size"], d["size"]),), ndim=3),)
     USES_BASE_BIAS = True
 
     def __init__(self, geometry: LayerGeometry, rank: int, alpha: float,
@@ -91,9 +88,16 @@ class OFT(Rotation):
         return geometry.out_features >= 2
 
     @classmethod
-    def identifies(cls, tensors, prefix):
-        blocks = tensors.get(f"{prefix}.oft_blocks")
-        return blocks is not None and blocks.ndim == 3
+    def file_dims(cls, own):
+        block = size(own["oft_blocks"], -1)
+        return {"rank": block, "size": block}
+
+    @classmethod
+    def check_dims(cls, geometry, dims, key):
+        block, out = dims["size"], geometry.out_features
+        if block < 1 or out % block:
+            block = block_size(out, 4)
+        return {"rank": block, "size": block}
 
     def rotation(self) -> torch.Tensor:
         blocks = self.rounded(self.blocks)
@@ -115,23 +119,3 @@ class OFT(Rotation):
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         return self.transform(self.weight_of(base_weight))
-
-
-    @classmethod
-    def from_state_dict(cls, geometry, tensors, prefix, compute_dtype, *, weight=None, bias=None):
-        blocks = tensors[f"{prefix}.oft_blocks"]
-        alpha = alpha_of(tensors, prefix)
-        adapter = cls(geometry, blocks.shape[-1], alpha or 0.0, compute_dtype,
-                      weight=weight, bias=bias, size=blocks.shape[-1])
-        with torch.no_grad():
-            adapter.blocks.copy_(blocks.float())
-        return adapter
-
-    @staticmethod
-    def expected_shapes(geometry, tensors, prefix):
-        blocks = tensors[f"{prefix}.oft_blocks"]
-        size = blocks.shape[-1] if blocks.ndim and blocks.shape[-1] else 0
-        out = geometry.out_features
-        if size < 1 or out % size:
-            size = block_size(out, 4)
-        return {f"{prefix}.oft_blocks": {(out // size, size, size)}}
