@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import re
@@ -285,17 +286,36 @@ _LOSS_TYPES = {"MSE": "l2", "L1": "l1", "Huber": "huber", "SmoothL1": "smooth_l1
 _PRECISIONS = {"bf16": "bf16", "fp32": "float", "fp16": "fp16"}
 
 
+# ModelSpec (Stability-AI/ModelSpec, "SAI Model Spec" 1.0.0) architecture ids, as kohya
+# sd-scripts writes them (library/sai_model_spec.py): "<architecture>/<adapter kind>".
+_ARCHITECTURES = {
+    "SD15": "stable-diffusion-v1", "SD20": "stable-diffusion-v2-512",
+    "SD21UnclipL": "stable-diffusion-v2-512", "SD21UnclipH": "stable-diffusion-v2-512",
+    "SDXL": "stable-diffusion-xl-v1-base", "SDXLRefiner": "stable-diffusion-xl-v1-refiner",
+    "SSD1B": "stable-diffusion-xl-v1-base", "SD3": "stable-diffusion-3", "Flux": "flux-1-dev",
+    "FluxSchnell": "flux-1-schnell", "WAN21_T2V": "wan-2.1-t2v", "WAN21_I2V": "wan-2.1-i2v",
+}
+IMPLEMENTATION_COMFYUI = "https://github.com/comfyanonymous/ComfyUI"
+
+
 def lora_file_metadata(
     tensors: Mapping[str, torch.Tensor],
     lora_metadata: Mapping[str, str] | None = None,
     steps: int | None = None,
     version: str | None = None,
+    *,
+    title: str | None = None,
+    format: str = "comfyui",
+    implementation: str = IMPLEMENTATION_COMFYUI,
 ) -> dict[str, str]:
-    """The header of a saved LoRA: ``lora_lab.*`` facts plus the common kohya ``ss_*`` keys.
+    """The header of a saved LoRA: ``lora_lab.*`` facts, the common kohya ``ss_*`` keys and
+    the ModelSpec ``modelspec.*`` keys.
 
     ``lora_metadata`` is what LoRA Lab's Train LoRA attaches (``lora_lab.*``); a LoRA from
     elsewhere has none, and then only what the tensors tell is written (algorithm, rank,
     alpha, dtype) plus ``steps`` if given. ``steps`` overrides the recorded step count.
+    ``format`` / ``implementation``: the names the file's keys use and the code base they
+    follow (ModelSpec's ``implementation``); ``title``: ModelSpec's title (the file name).
     """
     meta = {k: str(v) for k, v in (lora_metadata or {}).items()}
     if version is not None:
@@ -346,4 +366,17 @@ def lora_file_metadata(
     if get("lora_lab.algorithm", "LoRA") != "LoRA":
         kohya["ss_network_args"] = '{"algo": "%s"}' % get("lora_lab.algorithm").lower()
     meta.update({k: v for k, v in kohya.items() if v is not None})
+
+    meta["lora_lab.format"] = format
+    base = get("lora_lab.base_model")
+    architecture = _ARCHITECTURES.get(base or "", (base or "unknown").lower())
+    kind = "lora" if get("lora_lab.algorithm", "LoRA") in ("LoRA", "DoRA") else "lycoris"
+    spec = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/{kind}",
+        "modelspec.implementation": implementation,
+        "modelspec.title": title or "LoRA",
+        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    meta.update({k: v for k, v in spec.items() if v is not None})
     return meta

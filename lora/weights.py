@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -14,11 +14,17 @@ class LoraWeights(dict):
     optimizer, loss_function, seed, training_dtype, lora_dtype, base_model, version) to
     strings; the Save LoRA node writes them into the safetensors header. A plain dict (e.g.
     from ComfyUI's own trainer) has no metadata and is accepted everywhere as well.
+
+    ``namer``: ``namer(format, modules)`` gives the :class:`lora.export.ExportNames` of the
+    model the LoRA was trained on, so Save LoRA can write other tools' names without being
+    given that model again.
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                 namer: Callable | None = None):
         super().__init__(tensors)
         self.metadata: dict[str, str] = {k: str(v) for k, v in (metadata or {}).items()}
+        self.namer = namer
 
 
 def metadata_of(lora: Mapping[str, torch.Tensor]) -> dict[str, str]:

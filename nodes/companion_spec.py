@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..lora.export import FORMATS
 from ..training.dataset import RESIZE_MODES
 
 CATEGORY = "LoRA Lab"
@@ -45,6 +46,19 @@ SAVE_LORA = NodeSpec(
             "optional": True, "force_input": True, "min": 0,
             "tooltip": "Optional: the LoRA's total training steps (Train LoRA's steps output). "
                        "Added to the name as _<steps>_steps_ and to the metadata."}),
+        ("format", "COMBO", {
+            "optional": True, "options": list(FORMATS), "default": "comfyui",
+            "tooltip": "Key names of the file. comfyui: ComfyUI's own (ComfyUI, Forge). kohya: "
+                       "what A1111, Forge, InvokeAI and diffusers read: lora_unet_ names (SD1.x/"
+                       "SD2.x with diffusers' layer names, SDXL with LDM names; every algorithm), "
+                       "or diffusers' transformer.* lora_A/lora_B names for SD3, Flux, Wan and "
+                       "other transformers (LoRA only, no norm/bias deltas: anything else is "
+                       "refused with the reason)."}),
+        ("model", "MODEL", {
+            "optional": True,
+            "tooltip": "Optional: the model the LoRA was trained on, to name its layers in the "
+                       "kohya format. Train LoRA's lora output knows its model already; connect "
+                       "this for a LORA_MODEL from elsewhere."}),
     ],
     outputs=[("filename", "STRING", "filename",
               "The saved file's name relative to the loras folder, as LoRA loaders list it.")],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -15,6 +16,7 @@ from ..training.config import DTYPES, TrainConfig
 from ..training.loop import Validation, train
 from ..training.options import OPTIONS_NODE, node_options
 from .bridge import ComfyTask, check_latents_fit, training_clone
+from .lora_keys import export_names
 from .long_runs import CheckpointWriter, Previews, blank_image, continuation, run_metadata
 from .options import SOCKETS
 from .progress import LiveProgress
@@ -98,7 +100,7 @@ class TrainLoRA(io.ComfyNode):
         total_steps = steps + previous_steps
         metadata = run_metadata(result.config, steps=total_steps, adapters=result.adapters,
                                 batch_size=result.batch_size, model=model)
-        lora = LoraWeights(result.lora, metadata)
+        lora = LoraWeights(result.lora, metadata, namer=functools.partial(export_names, model))
         trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
         loss = {"loss": result.losses}
         if result.validation:

@@ -3,6 +3,8 @@ the companion nodes' declared schemas."""
 
 import os
 
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -144,12 +146,18 @@ def test_steps_input_overrides_the_recorded_steps():
 
 
 def test_plain_dict_lora_gets_what_its_tensors_tell():
-    meta = lora_file_metadata(tiny_lora(rank=3, dtype=torch.bfloat16), {}, None, "9.9")
+    meta = lora_file_metadata(tiny_lora(rank=3, dtype=torch.bfloat16), {}, None, "9.9",
+                              title="mine")
+    date = meta.pop("modelspec.date")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", date)
     assert meta == {
         "lora_lab.version": "9.9", "lora_lab.algorithm": "LoRA", "lora_lab.rank": "3",
         "lora_lab.alpha": "2.0", "lora_lab.lora_dtype": "bf16", "ss_network_module": "networks.lora",
         "ss_network_dim": "3", "ss_network_alpha": "2.0", "ss_network_train_unet_only": "True",
-        "ss_save_precision": "bf16",
+        "ss_save_precision": "bf16", "lora_lab.format": "comfyui",
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "unknown/lora",
+        "modelspec.implementation": "https://github.com/comfyanonymous/ComfyUI",
+        "modelspec.title": "mine",
     }
 
 
