@@ -45,6 +45,12 @@ def exported(lora, format: str, model=None):
     modules = {split_key(key, PREFIX)[0] for key in lora}
     names = namer("kohya", modules)
     tensors = export_lora(lora, names, PREFIX)
+    algorithm = metadata_of(lora).get("lora_lab.algorithm", "LoRA")
+    if names.style == "kohya" and algorithm != "LoRA":
+        log.warning(
+            "Save LoRA: a %s in kohya names loads in ComfyUI, Forge and A1111 (LyCORIS); "
+            "diffusers loads LoRA only from such files%s.", algorithm,
+            " (it drops dora_scale, leaving a plain LoRA)" if algorithm == "DoRA" else "")
     deltas = [k for k in tensors if k.rsplit(".", 1)[-1] in DELTA_SUFFIXES]
     if deltas:
         log.warning(

@@ -2,7 +2,6 @@
 the companion nodes' declared schemas."""
 
 import os
-
 import re
 
 import pytest
