@@ -16,6 +16,7 @@ import time
 import torch
 
 from .. import __version__
+from ..lora.export import FORMATS
 from ..lora.io import lora_file_metadata, save_lora_file
 from ..training.config import TrainConfig
 from ..training.loop import evaluate, train
@@ -109,6 +110,9 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                          help="file name of the LoRA in --out (default: %(default)s)")
     trainer.add_argument("--resume", type=_existing_file, default=None,
                          help="a checkpoint with its .training_state: continue its run exactly")
+    trainer.add_argument("--format", choices=FORMATS, default="comfyui",
+                         help="key names of the LoRA file, as Save LoRA's format (default: "
+                              "%(default)s; kohya: what A1111, Forge, InvokeAI and diffusers read)")
     for option in DECLARED:  # every Train LoRA and Training Options setting
         trainer.add_argument(f"--{option.name}", **_argument(option))
     return top, {"demo": demo, "options-table": table, "train": trainer}
@@ -196,7 +200,8 @@ def run_train(args: argparse.Namespace, command: argparse.ArgumentParser) -> int
         command.error(problem)
     from ..nodes.headless import run
 
-    run(args.model, args.data, args.out, values, name=args.name, resume=args.resume)
+    run(args.model, args.data, args.out, values, name=args.name, resume=args.resume,
+        format=args.format)
     return 0
 
 

@@ -188,7 +188,6 @@ class NormDelta(nn.Module):
     """
 
     NAME = "diff"
-    KEYS = SUFFIXES
     UP_PARAMETERS: tuple[str, ...] = ()  # no up/B factor (LoRA+ leaves the deltas' rate alone)
 
     def __init__(self, spec: NormSpec, compute_dtype: torch.dtype) -> None:

@@ -28,15 +28,16 @@ from ..training.plot import png_bytes, render_loss_plot
 from ..training.state import state_path
 from .bridge import ComfyTask, check_latents_fit, training_clone
 from .long_runs import CheckpointWriter, continuation, run_metadata
+from .lora_keys import exported
 from .train import latent_batches, per_sample_conditioning
 
 log = logging.getLogger(__name__)
 
 
 def run(model_path: str, data: str, out: str, values: dict, *, name: str = "lora",
-        resume: str | None = None) -> str | None:
+        resume: str | None = None, format: str = "comfyui") -> str | None:
     """Train and, on rank 0, write the LoRA into ``out``; returns its path (None on other
-    ranks). ``values``: Train LoRA and Training Options values."""
+    ranks). ``values``: Train LoRA and Training Options values; ``format``: Save LoRA's."""
     world = from_environment()
     if world.distributed:
         import torch.distributed as dist
@@ -72,8 +73,10 @@ def run(model_path: str, data: str, out: str, values: dict, *, name: str = "lora
         steps = previous + config.steps
         metadata = run_metadata(result.config, steps=steps, adapters=result.adapters,
                                 batch_size=result.batch_size, model=model)
-        header = lora_file_metadata(result.lora, metadata, steps, __version__)
-        path = save_lora_file(result.lora, out, name, header, steps)
+        tensors, implementation = exported(result.lora, format, model)
+        header = lora_file_metadata(result.lora, metadata, steps, __version__, title=name,
+                                    format=format, implementation=implementation)
+        path = save_lora_file(tensors, out, name, header, steps)
         with open(os.path.join(out, "loss.png"), "wb") as f:
             series = {"loss": result.losses}
             if result.validation:

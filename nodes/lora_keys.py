@@ -23,16 +23,19 @@ Writing (:func:`export_names`), from the same facts ComfyUI reads files with:
 
 from __future__ import annotations
 
+import functools
 import logging
-
-import torch
 
 import comfy.lora
 import comfy.lora_convert
 import comfy.model_base
 import comfy.utils
 
-from ..lora.export import ExportName, ExportNames, Part, Slice, merge_slices
+from ..lora.diff import SUFFIXES as DELTA_SUFFIXES
+from ..lora.export import (ExportName, ExportNames, Part, Slice, export_lora, merge_slices,
+                           split_key)
+from ..lora.io import IMPLEMENTATION_COMFYUI
+from ..lora.weights import metadata_of
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +188,34 @@ def export_names(model, format: str, modules=None) -> ExportNames:
             names[module] = tuple(chosen)
         # else a partial or overlapping split only: unnamed (an error if the LoRA has it)
     return ExportNames("peft", names, name, "diffusers")
+
+
+def exported(lora, format: str, model=None):
+    """``(tensors, implementation)`` of ``lora`` under ``format``'s key names."""
+    if format == "comfyui":
+        return lora, IMPLEMENTATION_COMFYUI
+    if format != "kohya":
+        raise ValueError(f"format {format!r} is not known; choose comfyui or kohya.")
+    namer = functools.partial(export_names, model) if model is not None else getattr(
+        lora, "namer", None)
+    if namer is None:
+        raise ValueError(
+            "format kohya names the LoRA's layers the way its model's other tools do, and this "
+            "LORA_MODEL does not say which model it was trained on: connect that model to Save "
+            "LoRA's model input (Train LoRA's lora output needs nothing).")
+    modules = {split_key(key, _PREFIX)[0] for key in lora}
+    names = namer("kohya", modules)
+    tensors = export_lora(lora, names, _PREFIX)
+    algorithm = metadata_of(lora).get("lora_lab.algorithm", "LoRA")
+    if names.style == "kohya" and algorithm != "LoRA":
+        log.warning(
+            "Save LoRA: a %s keeps all its keys in kohya names (ComfyUI's loader applies them); "
+            "diffusers loads LoRA only from such files%s.", algorithm,
+            " (it drops dora_scale, leaving a plain LoRA)" if algorithm == "DoRA" else "")
+    deltas = [k for k in tensors if k.rsplit(".", 1)[-1] in DELTA_SUFFIXES]
+    if deltas:
+        log.warning(
+            "Save LoRA: %d norm/bias delta keys (diff, diff_b; first %s) are saved under kohya "
+            "names: ComfyUI's loader applies them, diffusers leaves them out.",
+            len(deltas), deltas[0])
+    return tensors, names.implementation

@@ -144,3 +144,25 @@ def test_headless_errors_are_one_line_argument_errors(headless_env, tmp_path):
                            "--data", str(tmp_path), "--out", str(tmp_path / "o"),
                            "--rank", "0"], env=headless_env, capture_output=True, text=True)
     assert done.returncode == 2 and "rank=0 is out of range" in done.stderr
+
+
+def test_headless_writes_the_kohya_format(pack_nodes, pack, headless_env, tmp_path):
+    import importlib
+
+    model, _, positive, probe, path, data = export(pack_nodes, "sd15", tmp_path)
+    comfyui, kohya = tmp_path / "comfyui", tmp_path / "kohya"
+    for out, fmt in ((comfyui, "comfyui"), (kohya, "kohya")):
+        headless(headless_env, ["--model", path, "--data", data, "--out", str(out),
+                                "--batch_size", "2", "--format", fmt, *COMMON])
+    plain, _ = read(comfyui)
+    named, _ = read(kohya)
+    assert all(k.startswith("lora_unet_") for k in named) and len(named) == len(plain)
+    # the same tensors under kohya's names: ComfyUI's key map takes them back
+    keys = importlib.import_module(f"{pack.__name__}.nodes.lora_keys")
+    back = keys.to_diffusion_model_keys(model, named)
+    assert back.keys() == plain.keys() and all(torch.equal(back[k], plain[k]) for k in plain)
+    loaded_model, lines = core_reload(model, named, tmp_path / "named.safetensors")
+    assert not [line for line in lines if "not loaded" in line.lower()], lines
+    reference, _ = core_reload(model, plain, tmp_path / "plain.safetensors")
+    assert torch.equal(model_output(loaded_model, probe, positive),
+                       model_output(reference, probe, positive))
