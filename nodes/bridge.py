@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Iterator
 
 import torch
@@ -297,8 +298,8 @@ def training_clone(model):
 
 
 @contextlib.contextmanager
-def autograd_weights(model) -> Iterator[None]:
-    """Give autograd normal tensors where the loaded model holds inference tensors.
+def autograd_weights(model, frozen: bool = True) -> Iterator[None]:
+    """Let autograd run through the loaded model without copying its weights.
 
     ComfyUI creates weights under ``torch.inference_mode`` (its loaders, and the samplers
     that patch LoRAs into them), and autograd cannot save such tensors for backward. Which
@@ -307,42 +308,157 @@ def autograd_weights(model) -> Iterator[None]:
     them (patched outside inference mode by one node, restored from inference-mode backups by
     the next). So this runs after loading:
 
-    - the weight and bias of ComfyUI's layers get an identity weight function, which makes
-      ComfyUI's ops hand the layer a per-forward copy (``cast_bias_weight`` copies whenever
-      a weight function is present); :func:`release` clears these functions again;
-    - any other parameter or buffer (norm scales, modulation tables, pad tokens, positional
-      tables: small tensors that modules use directly) is replaced by a normal copy for the
-      run, and the original object is put back after it.
+    - ComfyUI's Linear and ConvNd layers run through :class:`FrozenLayer` (``frozen``): the
+      weight is fetched with ComfyUI's own ``cast_bias_weight`` (its dtype and device casts,
+      weight functions and low-VRAM patches), used, and dropped; backward fetches it again
+      for the input gradient. Nothing weight-sized is saved or copied (a cast, where the
+      stored dtype differs from the compute dtype, is made twice and freed each time);
+    - other layers of ComfyUI's ops (or all of them with ``frozen=False``) get an identity
+      weight function, which makes ComfyUI's ops hand the layer a per-forward copy
+      (``cast_bias_weight`` copies whenever a weight function is present);
+    - any other inference parameter or buffer (norm scales, modulation tables, pad tokens,
+      positional tables) is replaced for the run by a normal tensor that aliases its memory
+      (no copy), and the original object is put back after it.
     """
-    swapped = []
+    swapped, layers, functions_set = [], [], []
     for module in model.modules():
         cast = hasattr(module, "comfy_cast_weights")
-        for attr in ("weight", "bias") if cast else ():
+        kind = _frozen_kind(module) if cast and frozen else None
+        if kind is not None:
+            layers.append((module, module.__dict__.get("comfy_cast_weights", _MISSING)))
+            module.forward_comfy_cast_weights = functools.partial(_frozen_forward, module, kind)
+            module.comfy_cast_weights = True
+        for attr in ("weight", "bias") if cast and kind is None else ():
             tensor = getattr(module, attr, None)
             functions = getattr(module, f"{attr}_function", None)
             if (isinstance(tensor, torch.Tensor) and tensor.is_inference()
                     and functions is not None and _normal_copy not in functions):
                 # a new list: the ops' empty default is a class attribute shared by all layers
+                functions_set.append((module, attr, module.__dict__.get(f"{attr}_function", _MISSING)))
                 setattr(module, f"{attr}_function", list(functions) + [_normal_copy])
         for table in (module._parameters, module._buffers):
             for name, tensor in table.items():
                 if (tensor is None or not tensor.is_inference()
                         or (cast and name in ("weight", "bias"))):
                     continue
-                copy = tensor.clone()
+                alias = _alias(tensor)
                 if isinstance(tensor, torch.nn.Parameter):
-                    copy = torch.nn.Parameter(copy, requires_grad=False)
+                    alias = torch.nn.Parameter(alias, requires_grad=False)
                 swapped.append((table, name, tensor))
-                table[name] = copy
+                table[name] = alias
     try:
         yield
     finally:
         for table, name, tensor in reversed(swapped):
             table[name] = tensor
+        for module, attr, previous in reversed(functions_set):
+            if previous is _MISSING:
+                module.__dict__.pop(f"{attr}_function", None)
+            else:
+                setattr(module, f"{attr}_function", previous)
+        for module, previous in layers:
+            module.__dict__.pop("forward_comfy_cast_weights", None)
+            if previous is _MISSING:
+                module.__dict__.pop("comfy_cast_weights", None)
+            else:
+                module.comfy_cast_weights = previous
+
+
+_MISSING = object()
 
 
 def _normal_copy(weight: torch.Tensor) -> torch.Tensor:
     return weight  # ComfyUI already copied it because a weight function is present
+
+
+def _alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor on the memory of ``tensor`` (an inference tensor): no copy."""
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return tensor.clone()
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+        tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+
+
+def _frozen_kind(module) -> str | None:
+    """``linear`` / ``conv`` for ComfyUI's own Linear and ConvNd layers (whose cast forward is
+    ComfyUI's standard one), None for anything else (quantized or custom ops)."""
+    import comfy.ops
+
+    for name in ("Linear", "Conv1d", "Conv2d", "Conv3d"):
+        standard = getattr(getattr(comfy.ops.disable_weight_init, name, None),
+                           "forward_comfy_cast_weights", None)
+        if standard is not None and type(module).forward_comfy_cast_weights is standard:
+            if name != "Linear" and (isinstance(module.padding, str)
+                                     or module.padding_mode != "zeros"):
+                return None
+            return "linear" if name == "Linear" else "conv"
+    return None
+
+
+def _fetch(module, dtype, device):
+    """The layer's weight and bias as ComfyUI's ops would use them for this dtype/device."""
+    import comfy.ops
+
+    with torch.no_grad():
+        weight, bias = comfy.ops.cast_bias_weight(module, dtype=dtype, device=device,
+                                                  bias_dtype=dtype)[:2]
+    return weight, bias
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matmuls and convolutions in on ``device``, None if off."""
+    kind = device.type
+    try:
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    except (AttributeError, TypeError):  # torch < 2.4
+        if kind == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+def _apply(module, kind: str, x: torch.Tensor, weight, bias) -> torch.Tensor:
+    if kind == "linear":
+        return torch.nn.functional.linear(x, weight, bias)
+    return module._conv_forward(x, weight, bias)
+
+
+class FrozenLayer(torch.autograd.Function):
+    """``y = op(x, W, b)`` of a frozen ComfyUI layer with the gradient of ``x`` only: ``W`` is
+    fetched again in backward instead of being saved (it may be an inference tensor, or a
+    cast that would otherwise stay alive until backward). Under autocast the input gradient
+    is computed in autocast's dtype, as autograd computes it for ``F.linear``/``conv``."""
+
+    @staticmethod
+    def forward(ctx, x, module, kind):
+        weight, bias = _fetch(module, x.dtype, x.device)
+        out = _apply(module, kind, x, weight, bias)
+        if kind == "conv":
+            ctx.save_for_backward(x)
+        ctx.module, ctx.kind, ctx.dtype, ctx.device = module, kind, x.dtype, x.device
+        ctx.compute = _autocast_dtype(x.device) or x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, _ = _fetch(ctx.module, ctx.dtype, ctx.device)
+        weight, grad = weight.to(ctx.compute), grad.to(ctx.compute)
+        if ctx.kind == "linear":
+            return grad.matmul(weight).to(ctx.dtype), None, None
+        (x,) = ctx.saved_tensors
+        m = ctx.module
+        grad_x = torch.ops.aten.convolution_backward(
+            grad, x.to(ctx.compute), weight, None, list(m.stride), list(m.padding),
+            list(m.dilation), False, [0] * len(m.kernel_size), m.groups, [True, False, False])[0]
+        return grad_x.to(ctx.dtype), None, None
+
+
+def _frozen_forward(module, kind: str, x: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's cast forward of a Linear/ConvNd, through :class:`FrozenLayer` when a gradient
+    of ``x`` is wanted."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return FrozenLayer.apply(x, module, kind)
+    weight, bias = _fetch(module, x.dtype, x.device)
+    return _apply(module, kind, x, weight, bias)
 
 
 def release(patcher) -> None:
