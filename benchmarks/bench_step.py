@@ -61,6 +61,18 @@ Backends:
   ComfyUI's imports need them, ``COMFYUI_EXTRA_PATH`` (colon-separated dirs put on
   ``sys.path``, e.g. a torchvision stand-in), and must run with ComfyUI's Python.
 
+``--vs-core`` (comfy backend): LoRA Lab's Train LoRA node and ComfyUI core's
+``TrainLoraNode`` on the same tiny ComfyUI model, latents, conditioning and settings (batch
+1, rank 8, AdamW, lr 1e-4, lora_dtype bf16, LoRA), called as the executor calls them, in
+one process. Per-step time is the marginal time of ``--steps`` more steps: (time of a
+``warmup + steps``-step run - time of a ``warmup``-step run) / ``steps``, which removes
+each node's fixed setup (after one untimed run of each node per cell); in every round the four runs alternate between the nodes
+(A B A B, then B A B A in the next round) so a slow phase of the machine hits both. The
+table gives the medians over ``--repeat`` rounds of each node's ms/step and of the per-round
+ratio, the sampler forward of the model (``apply_model`` under inference mode on a loaded
+plain clone, batch 1), the step in such forwards, and the same sampler forward on
+Train LoRA's ``model_with_lora`` (ComfyUI merges the LoRA into the weights when loading it).
+
 Usage (from the repository root)::
 
     python benchmarks/bench_step.py                       # torch backend, CPU
@@ -376,6 +388,114 @@ def run_cell(args) -> dict:
                 losses=result.losses)
 
 
+# -- against core's TrainLoraNode, in one process -------------------------------------------
+def run_vs_core(args) -> list[dict]:
+    """LoRA Lab's Train LoRA node and ComfyUI core's TrainLoraNode on the same model, data and
+    settings, interleaved in one process (see ``--vs-core`` in the module docstring)."""
+    import importlib
+
+    import torch
+
+    setup_comfy(args.device)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import comfy.model_management
+    import comfy.samplers
+    import tiny_models
+    from bench_quality import node_values, run_node
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    TrainLoRA = importlib.import_module(f"{PACKAGE}.nodes.train").TrainLoRA
+    bridge = importlib.import_module(f"{PACKAGE}.nodes.bridge")
+    build, cond, shape = {
+        "sd15": (tiny_models.tiny_sd15, tiny_models.sd15_cond, (LATENTS, 4, 16, 16)),
+        "sd3": (tiny_models.tiny_sd3, tiny_models.sd3_cond, (LATENTS, 16, 32, 32)),
+    }[args.model]
+    import tempfile
+
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    folder = tempfile.mkdtemp(prefix="lora_lab_vs_core_")
+    path = os.path.join(folder, f"{args.model}.safetensors")
+    with torch.inference_mode():
+        built = build(seed=0, medium=True)
+        save_file({k: v.contiguous() for k, v in built.model.diffusion_model.state_dict().items()},
+                  path)
+        del built
+        # loaded from a file as Load Diffusion Model does (core's trainer on ComfyUI 0.33
+        # rebuilds the model from the loader's recorded factory)
+        model = comfy.sd.load_diffusion_model(path)
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        positive = cond(seed=3)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
+    def timed(node, dtype: str, ckpt: str, steps: int):
+        values = node_values(node, dict(
+            model=model, latents={"samples": latents}, positive=positive, batch_size=1,
+            grad_accumulation_steps=1, steps=steps, learning_rate=1e-4, rank=RANK,
+            optimizer="AdamW", loss_function="MSE", seed=0, training_dtype=dtype,
+            lora_dtype=LORA_DTYPE, algorithm="LoRA", gradient_checkpointing=ckpt == "on",
+            existing_lora="[None]"))
+        sync()
+        start = time.perf_counter()
+        outputs = run_node(node, values)
+        sync()
+        return time.perf_counter() - start, outputs
+
+    def sampler_ms(patcher, dtype: str, count: int) -> float:
+        """Median ``apply_model`` of one batch-1 sample under inference mode, as a sampler."""
+        with torch.inference_mode(False):
+            task = bridge.ComfyTask(patcher.clone(), positive, latents[:1], dtype)
+        x = latents[:1].clone()
+        sigma = torch.tensor([5.0])
+        kwargs = comfy.samplers.cond_cat([task.sample_conds[0]])
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        times = []
+        with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16,
+                                                    enabled=dtype == "bf16"):
+            for i in range(2 + count):
+                sync()
+                start = time.perf_counter()
+                patcher.model.apply_model(x, sigma, **kwargs)
+                sync()
+                if i >= 2:
+                    times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    short, long = args.warmup, args.warmup + args.steps
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for ckpt in args.checkpointing.split(","):
+            lab, core, ratios, trained = [], [], [], None
+            for node in (TrainLoRA, TrainLoraNode):  # untimed: one-time costs of each node
+                timed(node, dtype, ckpt, short)
+            for r in range(args.repeat):
+                order = [TrainLoRA, TrainLoraNode] if r % 2 == 0 else [TrainLoraNode, TrainLoRA]
+                seconds = {}
+                for steps in (short, long):
+                    for node in order:
+                        elapsed, outputs = timed(node, dtype, ckpt, steps)
+                        seconds[node, steps] = elapsed
+                        if node is TrainLoRA:
+                            trained = outputs[0]
+                per_step = {node: (seconds[node, long] - seconds[node, short]) / args.steps * 1e3
+                            for node in order}
+                lab.append(per_step[TrainLoRA])
+                core.append(per_step[TrainLoraNode])
+                ratios.append(per_step[TrainLoRA] / per_step[TrainLoraNode])
+            base_fwd = sampler_ms(model, dtype, args.forwards)
+            lora_fwd = sampler_ms(trained, dtype, args.forwards)
+            step = statistics.median(lab)
+            rows.append(dict(model=args.model, dtype=dtype, checkpointing=ckpt,
+                             lab_step_ms=step, core_step_ms=statistics.median(core),
+                             ratio=statistics.median(ratios), ratios=ratios,
+                             sampler_forward_ms=base_fwd, step_per_sampler_forward=step / base_fwd,
+                             lora_sampler_forward_ms=lora_fwd, lab_ms=lab, core_ms=core))
+    return rows
+
+
 # -- driver ------------------------------------------------------------------------------
 def busy_cpu_seconds() -> float | None:
     """CPU seconds the whole machine has been busy (all processes, steal included)."""
@@ -498,6 +618,9 @@ def main() -> None:
     parser.add_argument("--retry-busy", type=int, default=0, metavar="K",
                         help="rerun a cell up to K times while other processes kept more "
                              f"than {BUSY} CPUs busy during it; the least disturbed run is kept")
+    parser.add_argument("--vs-core", action="store_true",
+                        help="time Train LoRA against ComfyUI core's TrainLoraNode on the same "
+                             "ComfyUI model, interleaved in one process (needs COMFYUI_DIR)")
     parser.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -508,6 +631,29 @@ def main() -> None:
 
     if args.cell:  # one cell, in a subprocess: print its result as the last line
         print("RESULT " + json.dumps(run_cell(args)), flush=True)
+        return
+    if args.vs_core:
+        started = time.perf_counter()
+        rows = run_vs_core(args)
+        print(f"\nmachine: {machine(args)}")
+        print(f"ComfyUI tiny {args.model}, batch 1, rank {RANK}, AdamW, lora_dtype {LORA_DTYPE}; "
+              f"per-step time = (time of a {args.warmup + args.steps}-step run - time of a "
+              f"{args.warmup}-step run) / {args.steps} after an untimed run of each node, "
+              f"each node run in turn, {args.repeat} "
+              f"rounds, medians; total {time.perf_counter() - started:.0f} s\n")
+        print("| model | dtype | checkpointing | Train LoRA ms/step | core TrainLoraNode ms/step "
+              "| ratio (per round) | sampler fwd ms | step/sampler fwd | model_with_lora "
+              "sampler fwd ms |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            each = " / ".join(f"{v:.2f}" for v in r["ratios"])
+            print(f"| {r['model']} | {r['dtype']} | {r['checkpointing']} | {r['lab_step_ms']:.1f} "
+                  f"| {r['core_step_ms']:.1f} | {r['ratio']:.2f} ({each}) "
+                  f"| {r['sampler_forward_ms']:.1f} | {r['step_per_sampler_forward']:.2f} "
+                  f"| {r['lora_sampler_forward_ms']:.1f} |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(machine=machine(args), args=vars(args), rows=rows), f, indent=1)
         return
 
     import torch
