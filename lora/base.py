@@ -42,19 +42,29 @@ class LayerGeometry:
     def weight_shape(self) -> tuple[int, ...]:
         return (self.out_features, self.in_features, *self.kernel_size)
 
+    @property
+    def is_pointwise(self) -> bool:
+        """A 1x1 conv with unit stride and dilation and no padding: a Linear over channels."""
+        ones = (1,) * len(self.kernel_size)
+        return (self.is_conv and self.kernel_size == ones and tuple(self.stride) == ones
+                and tuple(self.dilation) == ones and self.padding in ((0,) * len(ones), "valid"))
+
     def linear_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Apply ``weight`` (shaped like the base weight, or with rank in place of out/in)."""
         if not self.is_conv:
             return F.linear(x, weight)
+        if self.is_pointwise:
+            return self.pointwise_op(x, weight.flatten(1))
         conv = _CONV_FUNCTIONS[len(self.kernel_size)]
         return conv(x, weight, None, self.stride, self.padding, self.dilation)
 
     def pointwise_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """A 1x1 (no spatial extent) map with a 2-D ``weight`` of shape [out, in]."""
+        """A 1x1 (no spatial extent) map with a 2-D ``weight`` of shape [out, in]: one batched
+        matmul over the flattened positions (CPU convolution kernels take a slow path for
+        such thin maps)."""
         if not self.is_conv:
             return F.linear(x, weight)
-        conv = _CONV_FUNCTIONS[len(self.kernel_size)]
-        return conv(x, weight.reshape(*weight.shape, *([1] * len(self.kernel_size))))
+        return torch.matmul(weight, x.flatten(2)).unflatten(2, x.shape[2:])
 
 
 def layer_geometry(module: nn.Module) -> LayerGeometry | None:

@@ -308,11 +308,12 @@ def autograd_weights(model, frozen: bool = True) -> Iterator[None]:
     them (patched outside inference mode by one node, restored from inference-mode backups by
     the next). So this runs after loading:
 
-    - ComfyUI's Linear and ConvNd layers run through :class:`FrozenLayer` (``frozen``): the
-      weight is fetched with ComfyUI's own ``cast_bias_weight`` (its dtype and device casts,
-      weight functions and low-VRAM patches), used, and dropped; backward fetches it again
-      for the input gradient. Nothing weight-sized is saved or copied (a cast, where the
-      stored dtype differs from the compute dtype, is made twice and freed each time);
+    - ComfyUI's Linear and ConvNd layers (``frozen``) use a weight stored as it is computed
+      through a normal tensor aliasing it (autograd keeps a reference, no copy), and run a
+      weight ComfyUI casts (dtype, device, weight functions, low-VRAM patches, autocast)
+      through :class:`FrozenLayer`: fetched with ComfyUI's own ``cast_bias_weight``, used and
+      dropped, fetched again in backward for the input gradient. Nothing weight-sized is
+      saved or copied (a cast is made twice and freed each time);
     - other layers of ComfyUI's ops (or all of them with ``frozen=False``) get an identity
       weight function, which makes ComfyUI's ops hand the layer a per-forward copy
       (``cast_bias_weight`` copies whenever a weight function is present);
@@ -453,12 +454,26 @@ class FrozenLayer(torch.autograd.Function):
 
 
 def _frozen_forward(module, kind: str, x: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's cast forward of a Linear/ConvNd, through :class:`FrozenLayer` when a gradient
-    of ``x`` is wanted."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return FrozenLayer.apply(x, module, kind)
-    weight, bias = _fetch(module, x.dtype, x.device)
-    return _apply(module, kind, x, weight, bias)
+    """ComfyUI's cast forward of a Linear/ConvNd without weight copies.
+
+    Where the stored weight is used as it is (same dtype and device as ``x``, no weight
+    functions, no autocast), autograd gets a normal tensor aliasing it and keeps a reference
+    for backward (no copy, no Python in the graph); where ComfyUI would cast, the layer runs
+    through :class:`FrozenLayer`, which casts again in backward instead of keeping the cast.
+    """
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        weight, bias = _fetch(module, x.dtype, x.device)
+        return _apply(module, kind, x, weight, bias)
+    weight, bias = module.weight, module.bias
+    if (weight.dtype == x.dtype and weight.device == x.device and not module.weight_function
+            and not module.bias_function and _autocast_dtype(x.device) is None
+            and (bias is None or (bias.dtype == x.dtype and bias.device == x.device))):
+        if weight.is_inference():
+            weight = _alias(weight)
+        if bias is not None and bias.is_inference():
+            bias = _alias(bias)
+        return _apply(module, kind, x, weight, bias)
+    return FrozenLayer.apply(x, module, kind)
 
 
 def release(patcher) -> None:
