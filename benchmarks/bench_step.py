@@ -37,6 +37,13 @@ What is measured, for every cell of the matrix {bf16, fp32} x {checkpointing off
     reset right before it), which includes the weights; the growth over
     ``memory_allocated()`` before ``train()`` is shown in parentheses.
 
+- **expected MiB**: what a step must keep, measured on one extra 1-step run with
+  ``torch.autograd.graph.saved_tensors_hooks``: the bytes of every tensor autograd saves for
+  backward that is not one of the model's own weights (so a weight copy or cast kept for
+  backward would show here), plus the adapters' state (fp32 master weights, gradients and
+  AdamW's two moments, 16 bytes per parameter). Peak growth well above it is allocator
+  slack and transient buffers.
+
 Each cell runs in its own subprocess (``--cell``), so the memory of one cell, allocator
 caches and warm-up state do not leak into the next. Every cell is run ``--repeat`` times
 (default 3, round-robin over the cells) and the table shows, per cell, the median over the
@@ -379,13 +386,37 @@ def run_cell(args) -> dict:
         print(f"\n### profile: {model} {dtype} checkpointing {args.checkpointing} "
               f"(3 steps)\n{table}", file=sys.stderr)
 
+    expected = wrap(lambda: expected_memory(task, latents, config, result.adapters, api))
     step, fwd, plain = (statistics.median(t) for t in (step_ms, base_ms, sampler_ms))
     return dict(model=model, params=params, dtype=dtype, checkpointing=args.checkpointing,
                 step_ms=step, forward_ms=fwd, lora_forward_ms=statistics.median(lora_ms),
                 ratio=step / fwd, sampler_forward_ms=plain, sampler_ratio=step / plain,
-                memory=memory, step_times_ms=step_ms, sampler_forward_times_ms=sampler_ms,
+                memory=memory, expected_mib=expected, step_times_ms=step_ms, sampler_forward_times_ms=sampler_ms,
                 forward_times_ms=base_ms, lora_forward_times_ms=lora_ms,
                 losses=result.losses)
+
+
+def expected_memory(task, latents, config, adapters, api) -> dict:
+    """What a step must keep, in MiB: the tensors autograd saves for backward during one
+    optimizer step that are not the model's own weights (activations; a saved weight copy
+    or cast would count here), and the adapters' state (float32 master weights, their
+    gradients and AdamW's two moments: 4 x 4 bytes per parameter)."""
+    import torch
+
+    weights = {t.untyped_storage().data_ptr()
+               for t in list(task.network.parameters()) + list(task.network.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        api["train"](task, latents, dataclasses.replace(config, steps=1))
+    count = sum(p.numel() for a in adapters.values() for p in a.parameters())
+    return dict(saved_mib=sum(saved.values()) / 2**20, adapter_state_mib=count * 16 / 2**20)
 
 
 # -- against core's TrainLoraNode, in one process -------------------------------------------
@@ -426,7 +457,9 @@ def run_vs_core(args) -> list[dict]:
         del built
         # loaded from a file as Load Diffusion Model does (core's trainer on ComfyUI 0.33
         # rebuilds the model from the loader's recorded factory)
-        model = comfy.sd.load_diffusion_model(path)
+        options = {} if args.weight_dtype == "fp32" else {
+            "dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}[args.weight_dtype]}
+        model = comfy.sd.load_diffusion_model(path, model_options=options)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         positive = cond(seed=3)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -488,7 +521,8 @@ def run_vs_core(args) -> list[dict]:
             base_fwd = sampler_ms(model, dtype, args.forwards)
             lora_fwd = sampler_ms(trained, dtype, args.forwards)
             step = statistics.median(lab)
-            rows.append(dict(model=args.model, dtype=dtype, checkpointing=ckpt,
+            rows.append(dict(model=args.model, weights=args.weight_dtype, dtype=dtype,
+                             checkpointing=ckpt,
                              lab_step_ms=step, core_step_ms=statistics.median(core),
                              ratio=statistics.median(ratios), ratios=ratios,
                              sampler_forward_ms=base_fwd, step_per_sampler_forward=step / base_fwd,
@@ -621,6 +655,9 @@ def main() -> None:
     parser.add_argument("--vs-core", action="store_true",
                         help="time Train LoRA against ComfyUI core's TrainLoraNode on the same "
                              "ComfyUI model, interleaved in one process (needs COMFYUI_DIR)")
+    parser.add_argument("--weight-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="--vs-core: the dtype the model's weights are stored in (as "
+                             "Load Diffusion Model's weight_dtype sets it)")
     parser.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -636,7 +673,7 @@ def main() -> None:
         started = time.perf_counter()
         rows = run_vs_core(args)
         print(f"\nmachine: {machine(args)}")
-        print(f"ComfyUI tiny {args.model}, batch 1, rank {RANK}, AdamW, lora_dtype {LORA_DTYPE}; "
+        print(f"ComfyUI tiny {args.model}, weights stored {args.weight_dtype}, batch 1, rank {RANK}, AdamW, lora_dtype {LORA_DTYPE}; "
               f"per-step time = (time of a {args.warmup + args.steps}-step run - time of a "
               f"{args.warmup}-step run) / {args.steps} after an untimed run of each node, "
               f"each node run in turn, {args.repeat} "
@@ -685,16 +722,20 @@ def main() -> None:
           f"median of {args.forwards} forwards (half before, half after training); medians "
           f"over {args.repeat} runs per cell; total {time.perf_counter() - started:.0f} s\n")
     print(f"| model | params | dtype | checkpointing | step ms (median) | forward ms | "
-          f"fwd+LoRA ms | step/forward | sampler fwd ms | step/sampler fwd | {memory_header} |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"fwd+LoRA ms | step/forward | sampler fwd ms | step/sampler fwd | {memory_header} "
+          f"| expected MiB (saved + adapter state) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         m = r["memory"]
         memory = (f"{m['peak_mib']:.0f} (+{m['growth_mib']:.0f})" if cuda
                   else f"{m['peak_mib']:.0f}")
+        e = r.get("expected_mib") or {}
+        expected = (f"{e['saved_mib'] + e['adapter_state_mib']:.0f} ({e['saved_mib']:.0f} + "
+                    f"{e['adapter_state_mib']:.1f})" if e else "")
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['dtype']} | {r['checkpointing']} "
               f"| {r['step_ms']:.1f} | {r['forward_ms']:.1f} | {r['lora_forward_ms']:.1f} "
               f"| {r['ratio']:.2f} | {r['sampler_forward_ms']:.1f} | {r['sampler_ratio']:.2f} "
-              f"| {memory} |")
+              f"| {memory} | {expected} |")
     loads = [r["other_load_cpus"] for r in results]
     if loads:
         print(f"\nother processes' CPU load during the cells (most in any run): "

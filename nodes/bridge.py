@@ -425,55 +425,59 @@ def _apply(module, kind: str, x: torch.Tensor, weight, bias) -> torch.Tensor:
 
 class FrozenLayer(torch.autograd.Function):
     """``y = op(x, W, b)`` of a frozen ComfyUI layer with the gradient of ``x`` only: ``W`` is
-    fetched again in backward instead of being saved (it may be an inference tensor, or a
-    cast that would otherwise stay alive until backward). Under autocast the input gradient
-    is computed in autocast's dtype, as autograd computes it for ``F.linear``/``conv``."""
+    fetched again in backward instead of being saved (a cast that would otherwise stay alive
+    until backward). ``compute``: the dtype the op computes in (autocast's, else ``x``'s),
+    which the weight is fetched in; the input gradient is computed in it too, as autograd
+    computes it for ``F.linear``/``conv`` under autocast."""
 
     @staticmethod
-    def forward(ctx, x, module, kind):
-        weight, bias = _fetch(module, x.dtype, x.device)
+    def forward(ctx, x, module, kind, compute):
+        weight, bias = _fetch(module, compute, x.device)
         out = _apply(module, kind, x, weight, bias)
         if kind == "conv":
             ctx.save_for_backward(x)
-        ctx.module, ctx.kind, ctx.dtype, ctx.device = module, kind, x.dtype, x.device
-        ctx.compute = _autocast_dtype(x.device) or x.dtype
+        ctx.module, ctx.kind, ctx.dtype, ctx.compute = module, kind, x.dtype, compute
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        weight, _ = _fetch(ctx.module, ctx.dtype, ctx.device)
-        weight, grad = weight.to(ctx.compute), grad.to(ctx.compute)
+        weight, _ = _fetch(ctx.module, ctx.compute, grad.device)
+        grad = grad.to(ctx.compute)
         if ctx.kind == "linear":
-            return grad.matmul(weight).to(ctx.dtype), None, None
+            return grad.matmul(weight).to(ctx.dtype), None, None, None
         (x,) = ctx.saved_tensors
         m = ctx.module
         grad_x = torch.ops.aten.convolution_backward(
             grad, x.to(ctx.compute), weight, None, list(m.stride), list(m.padding),
             list(m.dilation), False, [0] * len(m.kernel_size), m.groups, [True, False, False])[0]
-        return grad_x.to(ctx.dtype), None, None
+        return grad_x.to(ctx.dtype), None, None, None
 
 
 def _frozen_forward(module, kind: str, x: torch.Tensor) -> torch.Tensor:
     """ComfyUI's cast forward of a Linear/ConvNd without weight copies.
 
-    Where the stored weight is used as it is (same dtype and device as ``x``, no weight
-    functions, no autocast), autograd gets a normal tensor aliasing it and keeps a reference
-    for backward (no copy, no Python in the graph); where ComfyUI would cast, the layer runs
-    through :class:`FrozenLayer`, which casts again in backward instead of keeping the cast.
+    Where the stored weight is what the op computes with (same device, the dtype of ``x`` or
+    of autocast, no weight functions), autograd gets a normal tensor aliasing it and keeps a
+    reference for backward (no copy, no Python in the graph); where ComfyUI would cast, the
+    layer runs through :class:`FrozenLayer`, which casts again in backward instead of
+    keeping the cast. Under autocast the weight is fetched in autocast's dtype at once
+    (ComfyUI casts it to the input's dtype first and autocast casts that again: the same
+    values, since every stored dtype widens to float32 exactly).
     """
+    compute = _autocast_dtype(x.device) or x.dtype
     if not (torch.is_grad_enabled() and x.requires_grad):
-        weight, bias = _fetch(module, x.dtype, x.device)
+        weight, bias = _fetch(module, compute, x.device)
         return _apply(module, kind, x, weight, bias)
     weight, bias = module.weight, module.bias
-    if (weight.dtype == x.dtype and weight.device == x.device and not module.weight_function
-            and not module.bias_function and _autocast_dtype(x.device) is None
-            and (bias is None or (bias.dtype == x.dtype and bias.device == x.device))):
+    if (weight.dtype == compute and weight.device == x.device and not module.weight_function
+            and not module.bias_function
+            and (bias is None or (bias.dtype == compute and bias.device == x.device))):
         if weight.is_inference():
             weight = _alias(weight)
         if bias is not None and bias.is_inference():
             bias = _alias(bias)
         return _apply(module, kind, x, weight, bias)
-    return FrozenLayer.apply(x, module, kind)
+    return FrozenLayer.apply(x, module, kind, compute)
 
 
 def release(patcher) -> None:
