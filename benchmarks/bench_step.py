@@ -214,6 +214,54 @@ def setup_comfy(device: str):
     spec.loader.exec_module(pack)
 
 
+def comfy_models() -> dict:
+    """``--model`` name -> (builder(seed) -> ModelPatcher, conditioning(seed), latent shape).
+
+    ``sd15`` / ``sd3``: the tiny "medium" test models. ``sd15_full``: SD1.5's UNet at full
+    size (860M parameters: channel_mult 1, 2, 4, 4, two res blocks per level, attention on
+    the first three levels), latent 4x64x64 (512 px). ``dit_1b``: an SD3 MMDiT of depth 19
+    (hidden 1216, 19 heads, 1.0B parameters), latent 16x64x64. All random-init and
+    detected by ComfyUI as SD15 / SD3 (meant for a GPU; on CPU a step takes minutes).
+    """
+    import functools
+
+    import torch
+    import tiny_models
+
+    def full_sd15(seed=0):
+        import comfy.ops
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        config = dict(tiny_models.sd15_unet_config(), num_res_blocks=[2, 2, 2, 2],
+                      channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                      transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                      transformer_depth_middle=1)
+        with torch.device("meta"):
+            net = UNetModel(**config, operations=comfy.ops.disable_weight_init)
+        return tiny_models._load(tiny_models._fill_state_dict(net, seed))
+
+    def dit(seed=0, depth=19, pos=32):
+        import comfy.ops
+        from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+        config = dict(tiny_models.sd3_mmdit_config(), depth=depth, pos_embed_max_size=pos,
+                      num_patches=pos * pos)
+        config["context_embedder_config"] = {"target": "torch.nn.Linear", "params": {
+            "in_features": tiny_models.SD3_CONTEXT_DIM, "out_features": 64 * depth}}
+        with torch.device("meta"):
+            net = MMDiT(**config, operations=comfy.ops.disable_weight_init)
+        return tiny_models._load(tiny_models._fill_state_dict(net, seed))
+
+    return {
+        "sd15": (functools.partial(tiny_models.tiny_sd15, medium=True), tiny_models.sd15_cond,
+                 (LATENTS, 4, 16, 16)),
+        "sd3": (functools.partial(tiny_models.tiny_sd3, medium=True), tiny_models.sd3_cond,
+                (LATENTS, 16, 32, 32)),
+        "sd15_full": (full_sd15, tiny_models.sd15_cond, (LATENTS, 4, 64, 64)),
+        "dit_1b": (dit, tiny_models.sd3_cond, (LATENTS, 16, 64, 64)),
+    }
+
+
 def build_comfy(device: str, model: str, training_dtype: str):
     import importlib
 
@@ -227,12 +275,9 @@ def build_comfy(device: str, model: str, training_dtype: str):
     config = importlib.import_module(f"{PACKAGE}.training.config")
     inject = importlib.import_module(f"{PACKAGE}.lora.inject")
 
-    build, cond, shape = {
-        "sd15": (tiny_models.tiny_sd15, tiny_models.sd15_cond, (LATENTS, 4, 16, 16)),
-        "sd3": (tiny_models.tiny_sd3, tiny_models.sd3_cond, (LATENTS, 16, 32, 32)),
-    }[model]
+    build, cond, shape = comfy_models()[model]
     with torch.inference_mode():  # as ComfyUI loads models and runs nodes
-        patcher = build(seed=0, medium=True)
+        patcher = build(seed=0)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         positive = cond(seed=3)
     with torch.inference_mode(False):
@@ -245,7 +290,8 @@ def build_comfy(device: str, model: str, training_dtype: str):
     api = dict(train=loop.train, TrainConfig=config.TrainConfig,
                ForwardPatches=inject.ForwardPatches, adapter_patches=inject.adapter_patches,
                Objective=objective.Objective)
-    name = {"sd15": "ComfyUI SD1.x UNet (tiny medium)", "sd3": "ComfyUI SD3 MMDiT (tiny medium)"}
+    name = {"sd15": "ComfyUI SD1.x UNet (tiny medium)", "sd3": "ComfyUI SD3 MMDiT (tiny medium)",
+            "sd15_full": "ComfyUI SD1.5 UNet (full size)", "dit_1b": "ComfyUI SD3 MMDiT depth 19"}
 
     @contextlib.contextmanager
     def sampler_session():
@@ -439,10 +485,7 @@ def run_vs_core(args) -> list[dict]:
 
     TrainLoRA = importlib.import_module(f"{PACKAGE}.nodes.train").TrainLoRA
     bridge = importlib.import_module(f"{PACKAGE}.nodes.bridge")
-    build, cond, shape = {
-        "sd15": (tiny_models.tiny_sd15, tiny_models.sd15_cond, (LATENTS, 4, 16, 16)),
-        "sd3": (tiny_models.tiny_sd3, tiny_models.sd3_cond, (LATENTS, 16, 32, 32)),
-    }[args.model]
+    build, cond, shape = comfy_models()[args.model]
     import tempfile
 
     import comfy.sd
@@ -451,7 +494,7 @@ def run_vs_core(args) -> list[dict]:
     folder = tempfile.mkdtemp(prefix="lora_lab_vs_core_")
     path = os.path.join(folder, f"{args.model}.safetensors")
     with torch.inference_mode():
-        built = build(seed=0, medium=True)
+        built = build(seed=0)
         save_file({k: v.contiguous() for k, v in built.model.diffusion_model.state_dict().items()},
                   path)
         del built
@@ -471,11 +514,18 @@ def run_vs_core(args) -> list[dict]:
             optimizer="AdamW", loss_function="MSE", seed=0, training_dtype=dtype,
             lora_dtype=LORA_DTYPE, algorithm="LoRA", gradient_checkpointing=ckpt == "on",
             existing_lora="[None]"))
+        cuda = args.device == "cuda"
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         sync()
         start = time.perf_counter()
         outputs = run_node(node, values)
         sync()
-        return time.perf_counter() - start, outputs
+        elapsed = time.perf_counter() - start
+        if cuda:
+            peaks.setdefault(node, []).append(torch.cuda.max_memory_allocated() / 2**20)
+        return elapsed, outputs
 
     def sampler_ms(patcher, dtype: str, count: int) -> float:
         """Median ``apply_model`` of one batch-1 sample under inference mode, as a sampler."""
@@ -498,10 +548,11 @@ def run_vs_core(args) -> list[dict]:
         return statistics.median(times)
 
     short, long = args.warmup, args.warmup + args.steps
-    rows = []
+    rows, peaks = [], {}
     for dtype in args.dtypes.split(","):
         for ckpt in args.checkpointing.split(","):
             lab, core, ratios, trained = [], [], [], None
+            peaks.clear()
             for node in (TrainLoRA, TrainLoraNode):  # untimed: one-time costs of each node
                 timed(node, dtype, ckpt, short)
             for r in range(args.repeat):
@@ -526,7 +577,9 @@ def run_vs_core(args) -> list[dict]:
                              lab_step_ms=step, core_step_ms=statistics.median(core),
                              ratio=statistics.median(ratios), ratios=ratios,
                              sampler_forward_ms=base_fwd, step_per_sampler_forward=step / base_fwd,
-                             lora_sampler_forward_ms=lora_fwd, lab_ms=lab, core_ms=core))
+                             lora_sampler_forward_ms=lora_fwd, lab_ms=lab, core_ms=core,
+                             lab_peak_mib=max(peaks.get(TrainLoRA, [0])),
+                             core_peak_mib=max(peaks.get(TrainLoraNode, [0]))))
     return rows
 
 
@@ -630,7 +683,7 @@ def machine(args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=["torch", "comfy"], default="torch")
-    parser.add_argument("--model", choices=["sd15", "sd3"], default="sd15",
+    parser.add_argument("--model", choices=["sd15", "sd3", "sd15_full", "dit_1b"], default="sd15",
                         help="the tiny ComfyUI model (comfy backend only)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16,fp32")
@@ -680,14 +733,15 @@ def main() -> None:
               f"rounds, medians; total {time.perf_counter() - started:.0f} s\n")
         print("| model | dtype | checkpointing | Train LoRA ms/step | core TrainLoraNode ms/step "
               "| ratio (per round) | sampler fwd ms | step/sampler fwd | model_with_lora "
-              "sampler fwd ms |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "sampler fwd ms | peak VRAM MiB (Train LoRA / core) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             each = " / ".join(f"{v:.2f}" for v in r["ratios"])
             print(f"| {r['model']} | {r['dtype']} | {r['checkpointing']} | {r['lab_step_ms']:.1f} "
                   f"| {r['core_step_ms']:.1f} | {r['ratio']:.2f} ({each}) "
                   f"| {r['sampler_forward_ms']:.1f} | {r['step_per_sampler_forward']:.2f} "
-                  f"| {r['lora_sampler_forward_ms']:.1f} |")
+                  f"| {r['lora_sampler_forward_ms']:.1f} "
+                  f"| {r['lab_peak_mib']:.0f} / {r['core_peak_mib']:.0f} |")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(machine=machine(args), args=vars(args), rows=rows), f, indent=1)
