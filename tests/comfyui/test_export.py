@@ -146,7 +146,28 @@ def test_sd15_norm_bias_deltas_keep_kohya_names(train_node, pack_nodes, pack, op
     assert close(model_output(core_load(model, tensors), probe, positive), expected)
 
 
-@pytest.mark.parametrize("name", ["sdxl", "flux", "wan21_t2v"])
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_existing_lora_continues_a_kohya_file_as_the_comfyui_one(family, train_node, pack_nodes,
+                                                                  loras_dir):
+    """Train LoRA's existing_lora on the two files of one LoRA: the same continued LoRA."""
+    model, latents, positive, _ = family_case(family)
+    _, lora, _, _ = run_train(train_node, model, latents, positive, steps=2, learning_rate=5e-3)
+    names = {}
+    for format in ("comfyui", "kohya"):
+        with torch.inference_mode():
+            names[format] = pack_nodes["LoRALab_SaveLoRA"].execute(
+                lora, f"continue/{format}", 2, format).result[0]
+    continued = {format: run_train(train_node, model, latents, positive, steps=1,
+                                   learning_rate=5e-3, existing_lora=name)
+                 for format, name in names.items()}
+    assert [c[3] for c in continued.values()] == [3, 3]  # 2 steps in the file + 1
+    a, b = continued["comfyui"][1], continued["kohya"][1]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6 * a[key].abs().max()), key
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd20_v", "flux", "wan21_t2v"])
 def test_other_families(name, train_node, pack_nodes, pack, loras_dir):
     family = {**tiny_families.FAMILIES, **tiny_families.LARGE_FAMILIES}[name]
     reason = family.available()
@@ -162,6 +183,7 @@ def test_other_families(name, train_node, pack_nodes, pack, loras_dir):
                                     learning_rate=5e-3)
     tensors, _ = save(pack_nodes, lora, loras_dir, "kohya")
     every, some = {"sdxl": ("lora_unet_", "lora_unet_input_blocks_"),  # LDM names
+                   "sd20_v": ("lora_unet_", "lora_unet_down_blocks_0_attentions_0_"),
                    "flux": ("transformer.", "transformer.single_transformer_blocks.0.attn.to_q."),
                    "wan21_t2v": ("diffusion_model.", "diffusion_model.blocks.0.")}[name]
     assert all(k.startswith(every) for k in tensors)
