@@ -335,7 +335,8 @@ def autograd_weights(model, frozen: bool = True) -> Iterator[None]:
             if (isinstance(tensor, torch.Tensor) and tensor.is_inference()
                     and functions is not None and _normal_copy not in functions):
                 # a new list: the ops' empty default is a class attribute shared by all layers
-                functions_set.append((module, attr, module.__dict__.get(f"{attr}_function", _MISSING)))
+                previous = module.__dict__.get(f"{attr}_function", _MISSING)
+                functions_set.append((module, attr, previous))
                 setattr(module, f"{attr}_function", list(functions) + [_normal_copy])
         for table in (module._parameters, module._buffers):
             for name, tensor in table.items():
