@@ -367,16 +367,21 @@ def split_dimension(dimension: int, factor: int) -> tuple[int, int]:
 
 def alpha_of(tensors: Mapping[str, torch.Tensor], prefix: str) -> float | None:
     """The scalar ``<prefix>.alpha`` of a file, None if absent; a ValueError if malformed."""
-    value = tensors.get(f"{prefix}.alpha")
+    return alpha_value(tensors.get(f"{prefix}.alpha"), f"{prefix}.alpha")
+
+
+def alpha_value(value: torch.Tensor | None, key: str) -> float | None:
+    """The number an ``alpha`` tensor (file key ``key``) holds, None for None; a ValueError
+    if it is not one finite number."""
     if value is None:
         return None
     if value.numel() != 1 or not (value.is_floating_point() or value.dtype in _INT_DTYPES):
         raise ValueError(
-            f"The LoRA key {prefix}.alpha must be one number; it has shape {list(value.shape)} "
+            f"The LoRA key {key} must be one number; it has shape {list(value.shape)} "
             f"and dtype {value.dtype}. The file is damaged.")
     alpha = float(value.reshape(()).item())
     if not math.isfinite(alpha):
-        raise ValueError(f"The LoRA key {prefix}.alpha is {alpha}; the file is damaged.")
+        raise ValueError(f"The LoRA key {key} is {alpha}; the file is damaged.")
     return alpha
 
 

@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from . import ADAPTERS, DETECTION_ORDER
-from .base import alpha_of
+from .base import alpha_value
 from .diff import SUFFIXES as DELTA_SUFFIXES
 
 FORMATS = ("comfyui", "kohya")
@@ -134,7 +134,7 @@ def _peft(module, own, targets, names, prefix) -> dict[str, torch.Tensor]:
     if "lora_up.weight" not in own or "lora_down.weight" not in own:
         raise ValueError(f"The LoRA lacks {prefix}{module}.lora_up.weight or lora_down.weight.")
     down, up = own["lora_down.weight"], own["lora_up.weight"]
-    alpha = alpha_of({f"{prefix}{module}.alpha": own["alpha"]}, f"{prefix}{module}") if "alpha" in own else None
+    alpha = alpha_value(own.get("alpha"), f"{prefix}{module}.alpha")
     scale = 1.0 if alpha is None else alpha / down.shape[0]
     scaled = up.float() * scale
     out = {}

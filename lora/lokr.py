@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import (Adapter, LayerGeometry, Saved, alpha_of, full_precision, kaiming_uniform_, size,
-                   split_dimension)
+from .base import (Adapter, LayerGeometry, Saved, alpha_value, full_precision, kaiming_uniform_,
+                   size, split_dimension)
 
 
 def _w2_shapes(g: LayerGeometry, d) -> tuple[tuple[int, ...], ...]:
@@ -102,7 +102,7 @@ class LoKr(Adapter):
             dim = b.shape[0]
             own[full] = a.flatten(1) @ b.flatten(1)
         if dim is not None:
-            alpha = alpha_of({f"{prefix}.alpha": own["alpha"]} if "alpha" in own else {}, prefix)
+            alpha = alpha_value(own.get("alpha"), f"{prefix}.alpha")
             if alpha is not None:
                 own["lokr_w2"] = own["lokr_w2"].float() * (alpha / dim)
         return own

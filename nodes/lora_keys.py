@@ -34,6 +34,7 @@ import comfy.utils
 from ..lora.diff import SUFFIXES as DELTA_SUFFIXES
 from ..lora.export import (ExportName, ExportNames, Part, Slice, export_lora, merge_slices,
                            split_key)
+from ..lora.base import alpha_value
 from ..lora.io import IMPLEMENTATION_COMFYUI
 from ..lora.weights import metadata_of
 
@@ -95,6 +96,18 @@ def _resolve(key: str, key_map: dict):
     return None, None, None
 
 
+def _rows(target: tuple, out_features: int) -> Slice | None:
+    """The output rows a key-map target ``(weight key, (dim, offset, size) or None[,
+    function])`` covers; None for a slice along another axis."""
+    offset = target[1] if len(target) > 1 else None
+    transform = target[2] if len(target) > 2 else None
+    if offset is None:
+        return Slice(0, out_features, transform)
+    if offset[0] != 0:
+        return None
+    return Slice(offset[1], offset[2], transform)
+
+
 def _merged(weight_key: str, parts: dict, out_features: int) -> dict:
     """One ``lora_down``/``lora_up`` pair for the named slices of one fused layer."""
     pieces = []
@@ -105,18 +118,16 @@ def _merged(weight_key: str, parts: dict, out_features: int) -> dict:
                 f"The LoRA names {name}, a part of the fused layer {weight_key}, with keys "
                 f"{sorted(own)}; only LoRA's matrices (lora_A/lora_B or lora_down/lora_up) can "
                 "be continued on a part of a layer. Pick another file.")
-        offset = target[1] if len(target) > 1 else None
-        transform = target[2] if len(target) > 2 else None
-        if offset is not None and offset[0] != 0:
+        rows = _rows(target, out_features)
+        if rows is None:
             raise ValueError(f"The LoRA names {name}, a slice of {weight_key} along its inputs; "
                              "it cannot be continued. Pick another file.")
-        start, size = (0, out_features) if offset is None else (offset[1], offset[2])
         down, up = own["lora_down.weight"], own["lora_up.weight"].float()
-        if transform is not None:  # a row permutation that is its own inverse
-            up = transform(up)
-        alpha = own.get("alpha")
-        scale = float(alpha) / down.shape[0] if alpha is not None and alpha.numel() == 1 else 1.0
-        pieces.append(Part(start, size, down, up, scale))
+        if rows.transform is not None:  # a row permutation that is its own inverse
+            up = rows.transform(up)
+        alpha = alpha_value(own.get("alpha"), f"{name}.alpha")
+        scale = 1.0 if alpha is None else alpha / down.shape[0]
+        pieces.append(Part(rows.offset, rows.size, down, up, scale))
     down, up = merge_slices(sorted(pieces, key=lambda p: p.offset), out_features)
     module = weight_key[:-len(".weight")]
     return {f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up}
@@ -165,12 +176,9 @@ def export_names(model, format: str, modules=None) -> ExportNames:
             continue
         rows = None
         if not isinstance(target, str):
-            offset = target[1] if len(target) > 1 else None
-            transform = target[2] if len(target) > 2 else None
-            if offset is not None and offset[0] != 0:
+            rows = _rows(target, weights[module][0])
+            if rows is None:
                 continue
-            start, size = (0, weights[module][0]) if offset is None else (offset[1], offset[2])
-            rows = Slice(start, size, transform)
         found.setdefault(module, []).append(ExportName(key, rows))
     if not found:  # no diffusers names: the original checkpoint's, as diffusers converts them
         names = {m: (ExportName(_PREFIX + m),) for m in sorted(wanted)}
