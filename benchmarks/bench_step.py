@@ -268,7 +268,6 @@ def build_comfy(device: str, model: str, training_dtype: str):
     import torch
 
     setup_comfy(device)
-    import tiny_models
 
     bridge = importlib.import_module(f"{PACKAGE}.nodes.bridge")
     loop = importlib.import_module(f"{PACKAGE}.training.loop")
@@ -479,7 +478,6 @@ def run_vs_core(args) -> list[dict]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import comfy.model_management
     import comfy.samplers
-    import tiny_models
     from bench_quality import node_values, run_node
     from comfy_extras.nodes_train import TrainLoraNode
 

@@ -25,6 +25,7 @@ LoRA of the summed rank whose ``up`` is block-diagonal), exact in both cases.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -64,6 +65,7 @@ class ExportNames:
     implementation: str = ""
 
 
+@functools.cache
 def known_suffixes() -> tuple[str, ...]:
     """Every key suffix a saved module can have, longest first (so ``lora_up.weight`` is
     matched before ``weight``-like shorter ones)."""
@@ -144,16 +146,14 @@ def _peft(module, own, targets, names, prefix) -> dict[str, torch.Tensor]:
             rows = scaled[target.rows.offset: target.rows.offset + target.rows.size]
             if target.rows.transform is not None:
                 rows = target.rows.transform(rows)
-        out[f"{target.name}.lora_A.weight"] = down.clone()
-        out[f"{target.name}.lora_B.weight"] = rows.to(up.dtype).contiguous()
+        out[f"{target.name}.{PEFT_SUFFIXES['lora_down.weight']}"] = down.clone()
+        out[f"{target.name}.{PEFT_SUFFIXES['lora_up.weight']}"] = rows.to(up.dtype).contiguous()
     return out
 
 
 def _algorithm(own: Mapping[str, torch.Tensor]) -> str:
-    for cls in DETECTION_ORDER:
-        if cls.identifies({f"m.{k}": v for k, v in own.items()}, "m"):
-            return cls.NAME
-    return "non-LoRA"
+    keyed = {f"m.{k}": v for k, v in own.items()}
+    return next((cls.NAME for cls in DETECTION_ORDER if cls.identifies(keyed, "m")), "non-LoRA")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Iterator
 import torch
 
 import comfy.model_management
+import comfy.ops
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.patcher_extension
@@ -384,8 +385,6 @@ def _alias(tensor: torch.Tensor) -> torch.Tensor:
 def _frozen_kind(module) -> str | None:
     """``linear`` / ``conv`` for ComfyUI's own Linear and ConvNd layers (whose cast forward is
     ComfyUI's standard one), None for anything else (quantized or custom ops)."""
-    import comfy.ops
-
     for name in ("Linear", "Conv1d", "Conv2d", "Conv3d"):
         standard = getattr(getattr(comfy.ops.disable_weight_init, name, None),
                            "forward_comfy_cast_weights", None)
@@ -399,8 +398,6 @@ def _frozen_kind(module) -> str | None:
 
 def _fetch(module, dtype, device):
     """The layer's weight and bias as ComfyUI's ops would use them for this dtype/device."""
-    import comfy.ops
-
     with torch.no_grad():
         weight, bias = comfy.ops.cast_bias_weight(module, dtype=dtype, device=device,
                                                   bias_dtype=dtype)[:2]

@@ -32,16 +32,16 @@ import comfy.model_base
 import comfy.utils
 
 from ..lora.diff import SUFFIXES as DELTA_SUFFIXES
-from ..lora.export import (ExportName, ExportNames, Part, Slice, export_lora, merge_slices,
-                           split_key)
+from ..lora.export import (PEFT_SUFFIXES, ExportName, ExportNames, Part, Slice, export_lora,
+                           merge_slices, split_key)
 from ..lora.base import alpha_value
 from ..lora.io import IMPLEMENTATION_COMFYUI
 from ..lora.weights import metadata_of
 
 log = logging.getLogger(__name__)
 
-_SUFFIXES = {
-    "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+_SUFFIXES = {  # other tools' names of LoRA's two matrices -> this pack's
+    **{peft: own for own, peft in PEFT_SUFFIXES.items()},
     "lora_A.default.weight": "lora_down.weight", "lora_B.default.weight": "lora_up.weight",
     "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
 }
@@ -67,16 +67,17 @@ def to_diffusion_model_keys(patcher, tensors: dict) -> dict:
     base = base_model(patcher)
     key_map = comfy.lora.model_lora_keys_unet(base, {})
     tensors = comfy.lora_convert.convert_lora(dict(tensors))
-    out, sliced = {}, {}
+    out, sliced = {}, {}  # sliced: fused layer's weight key -> {name: (target, its tensors)}
     for key, value in tensors.items():
         name, suffix, target = _resolve(key, key_map)
+        suffix = _SUFFIXES.get(suffix, suffix)
         if target is None:
             out[key] = value
         elif isinstance(target, str):
-            out[f"{target[:-len('.weight')]}.{_SUFFIXES.get(suffix, suffix)}"] = value
+            out[f"{target[:-len('.weight')]}.{suffix}"] = value
         else:
-            sliced.setdefault(target[0], {}).setdefault(name, [target, {}])[1][
-                _SUFFIXES.get(suffix, suffix)] = value
+            parts = sliced.setdefault(target[0], {})
+            parts.setdefault(name, (target, {}))[1][suffix] = value
     if sliced:
         shapes = {k: v.shape for k, v in base.state_dict().items() if k in sliced}
         for weight_key, parts in sliced.items():
@@ -84,14 +85,19 @@ def to_diffusion_model_keys(patcher, tensors: dict) -> dict:
     return out
 
 
+def _weight_key(target) -> str | None:
+    """The model weight a key-map target names (a key, or a tuple starting with one)."""
+    key = target[0] if isinstance(target, tuple) and target else target
+    return key if isinstance(key, str) and key.endswith(".weight") else None
+
+
 def _resolve(key: str, key_map: dict):
+    """(the file's module name, the key's suffix, its key-map target) or Nones."""
     parts = key.split(".")
     for cut in range(len(parts) - 1, 0, -1):  # longest module name first
         module, suffix = ".".join(parts[:cut]), ".".join(parts[cut:])
         target = key_map.get(module)
-        if isinstance(target, str) and target.endswith(".weight"):
-            return module, suffix, target
-        if isinstance(target, tuple) and isinstance(target[0], str) and target[0].endswith(".weight"):
+        if _weight_key(target) is not None:
             return module, suffix, target
     return None, None, None
 
@@ -159,7 +165,7 @@ def export_names(model, format: str, modules=None) -> ExportNames:
             names[module] = (ExportName("lora_unet_" + path.replace(".", "_")),)
         if missing:
             log.warning("%d layers of %s have no diffusers name (first: %s); they keep kohya's "
-                        "LDM names, which ComfyUI and A1111 load and diffusers may not.",
+                        "LDM names, which ComfyUI loads and diffusers may not.",
                         len(missing), name, missing[0])
         impl = "https://github.com/Stability-AI/generative-models"
         return ExportNames("kohya", names, name, impl)
@@ -168,8 +174,8 @@ def export_names(model, format: str, modules=None) -> ExportNames:
     for key, target in key_map.items():
         if not key.startswith("transformer."):
             continue
-        weight = target if isinstance(target, str) else target[0]
-        if not (isinstance(weight, str) and weight.startswith(_PREFIX) and weight.endswith(".weight")):
+        weight = _weight_key(target)
+        if weight is None or not weight.startswith(_PREFIX):
             continue
         module = weight[len(_PREFIX):-len(".weight")]
         if module not in wanted:

@@ -156,6 +156,11 @@ def pack_nodes(pack):
 
 
 @pytest.fixture(scope="session")
+def options_node(pack_nodes):
+    return pack_nodes["LoRALab_TrainingOptions"]
+
+
+@pytest.fixture(scope="session")
 def train_node(pack_nodes):
     return pack_nodes["LoRALab_TrainLoRA"]
 

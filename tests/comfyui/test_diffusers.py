@@ -177,7 +177,3 @@ def test_sd3_diffusers_named_file_in_diffusers_equals_model_with_lora(
         net.delete_adapters("lab")
     assert close(got, expected), ((got - expected).abs().max(), expected.abs().max())
 
-
-@pytest.fixture(scope="module")
-def options_node(pack_nodes):
-    return pack_nodes["LoRALab_TrainingOptions"]

@@ -16,11 +16,6 @@ import tiny_families
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def options_node(pack_nodes):
-    return pack_nodes["LoRALab_TrainingOptions"]
-
-
 def save(pack_nodes, lora, folder, format, model=None, prefix="export/lora"):
     """Save LoRA's file: (its tensors, its header)."""
     from safetensors import safe_open

@@ -4,20 +4,14 @@ copying path (an identity weight function, which makes ComfyUI copy every weight
 forward) for every algorithm, with inference-mode weights stored in fp32, fp16, bf16 and
 fp8, and on whole tiny models trained through the node."""
 
-import importlib
-
 import pytest
 import torch
 
-from test_algorithms import ALGORITHMS
+from test_algorithms import ALGORITHMS, sub
 from test_train_node import family_case, run_train
 
 STORED = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp8": torch.float8_e4m3fn}
-
-
-def sub(pack, name):
-    return importlib.import_module(f"{pack.__name__}.{name}")
 
 
 def network(stored, seed=0):

@@ -13,11 +13,6 @@ from test_train_node import family_case, run_train, run_train_all
 EVERYTHING = dict(warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1, ema_decay=0.9)
 
 
-@pytest.fixture(scope="module")
-def options_node(pack_nodes):
-    return pack_nodes["LoRALab_TrainingOptions"]
-
-
 def files(folder):
     return sorted(os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
                   for root, _, names in os.walk(folder) for f in names)

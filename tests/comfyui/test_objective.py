@@ -11,11 +11,6 @@ from test_options import make_options
 from test_train_node import family_case, run_train
 
 
-@pytest.fixture(scope="module")
-def options_node(pack_nodes):
-    return pack_nodes["LoRALab_TrainingOptions"]
-
-
 def _objective(pack, task, **options):
     objective = importlib.import_module(pack.__name__ + ".losses.objective")
     config = importlib.import_module(pack.__name__ + ".training.config")

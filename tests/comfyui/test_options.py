@@ -8,11 +8,6 @@ import torch
 from test_train_node import FAMILIES, core_reload, family_case, model_output, run_train
 
 
-@pytest.fixture(scope="module")
-def options_node(pack_nodes):
-    return pack_nodes["LoRALab_TrainingOptions"]
-
-
 def defaults(node):
     """The node's widget values at their defaults, as the frontend sends them."""
     info = node.GET_SCHEMA().get_v1_info(node)
