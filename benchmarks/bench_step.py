@@ -1,7 +1,8 @@
 """Time per optimizer step, step/forward ratio and peak memory of LoRA Lab training.
 
 What is measured, for every cell of the matrix {bf16, fp32} x {checkpointing off, on}
-(batch 1, grad accumulation 1, rank 8, alpha 1, AdamW, MSE, lora_dtype bf16, 4 latents):
+(batch 1, grad accumulation 1, rank 8, alpha 1, AdamW, MSE, lora_dtype bf16 unless
+``--lora-dtype``, 4 latents):
 
 - **step ms**: the median wall time of one optimizer step. ``train()`` runs
   ``warmup + steps`` steps (default 3 + 10); a timestamp is taken in ``on_step`` after every
@@ -41,8 +42,9 @@ What is measured, for every cell of the matrix {bf16, fp32} x {checkpointing off
   ``torch.autograd.graph.saved_tensors_hooks``: the bytes of every tensor autograd saves for
   backward that is not one of the model's own weights (so a weight copy or cast kept for
   backward would show here), plus the adapters' state (fp32 master weights, gradients and
-  AdamW's two moments, 16 bytes per parameter). Peak growth well above it is allocator
-  slack and transient buffers.
+  AdamW's two moments, 16 bytes per parameter). What is saved while backward runs (a
+  checkpointed block's recomputation, freed when that block's backward ends) counts as the
+  largest such block. Peak growth well above it is allocator slack and transient buffers.
 
 Each cell runs in its own subprocess (``--cell``), so the memory of one cell, allocator
 caches and warm-up state do not leak into the next. Every cell is run ``--repeat`` times
@@ -116,7 +118,7 @@ PACKAGE = "lora_lab_bench"  # the name the pack is imported under for the comfy 
 
 RANK = 8
 LATENTS = 4
-LORA_DTYPE = "bf16"
+LORA_DTYPE = "bf16"  # the adapters' dtype unless --lora-dtype says otherwise
 
 
 # -- memory ------------------------------------------------------------------------------
@@ -339,7 +341,7 @@ def run_cell(args) -> dict:
     config = api["TrainConfig"](
         batch_size=1, grad_accumulation_steps=1, steps=args.warmup + args.steps,
         learning_rate=1e-4, rank=RANK, alpha=1.0, optimizer="AdamW", loss_function="MSE",
-        seed=0, training_dtype=dtype, lora_dtype=LORA_DTYPE, algorithm="LoRA",
+        seed=0, training_dtype=dtype, lora_dtype=args.lora_dtype, algorithm="LoRA",
         gradient_checkpointing=ckpt)
 
     stamps: list[float] = []
@@ -419,9 +421,10 @@ def run_cell(args) -> dict:
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         short = dataclasses.replace(config, steps=3)
-        with profile(activities=activities) as prof:
+        shapes = args.profile_shapes
+        with profile(activities=activities, record_shapes=shapes) as prof:
             wrap(lambda: api["train"](task, latents, short))
-        averages = prof.key_averages()
+        averages = prof.key_averages(group_by_input_shape=shapes)
         try:
             table = averages.table(sort_by="self_device_time_total" if cuda else
                                    "self_cpu_time_total", row_limit=args.profile)
@@ -445,23 +448,29 @@ def expected_memory(task, latents, config, adapters, api) -> dict:
     """What a step must keep, in MiB: the tensors autograd saves for backward during one
     optimizer step that are not the model's own weights (activations; a saved weight copy
     or cast would count here), and the adapters' state (float32 master weights, their
-    gradients and AdamW's two moments: 4 x 4 bytes per parameter)."""
+    gradients and AdamW's two moments: 4 x 4 bytes per parameter). Tensors saved while
+    backward runs (a checkpointed block's recomputation, freed once that block is done) count
+    as the largest such block, not their sum."""
     import torch
 
     weights = {t.untyped_storage().data_ptr()
                for t in list(task.network.parameters()) + list(task.network.buffers())}
-    saved: dict[int, int] = {}
+    saved: dict[object, dict[int, int]] = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
+            node = torch._C._current_autograd_node()  # None in forward
+            bucket = saved.setdefault(None if node is None else id(node), {})
+            bucket[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         api["train"](task, latents, dataclasses.replace(config, steps=1))
     count = sum(p.numel() for a in adapters.values() for p in a.parameters())
-    return dict(saved_mib=sum(saved.values()) / 2**20, adapter_state_mib=count * 16 / 2**20)
+    forward = sum(saved.get(None, {}).values())
+    recompute = max((sum(b.values()) for k, b in saved.items() if k is not None), default=0)
+    return dict(saved_mib=(forward + recompute) / 2**20, adapter_state_mib=count * 16 / 2**20)
 
 
 # -- against core's TrainLoraNode, in one process -------------------------------------------
@@ -510,7 +519,7 @@ def run_vs_core(args) -> list[dict]:
             model=model, latents={"samples": latents}, positive=positive, batch_size=1,
             grad_accumulation_steps=1, steps=steps, learning_rate=1e-4, rank=RANK,
             optimizer="AdamW", loss_function="MSE", seed=0, training_dtype=dtype,
-            lora_dtype=LORA_DTYPE, algorithm="LoRA", gradient_checkpointing=ckpt == "on",
+            lora_dtype=args.lora_dtype, algorithm="LoRA", gradient_checkpointing=ckpt == "on",
             existing_lora="[None]"))
         cuda = args.device == "cuda"
         if cuda:
@@ -617,7 +626,8 @@ def run_cell_process(args, dtype: str, ckpt: str) -> dict:
                "--checkpointing", ckpt, "--backend", args.backend, "--model", args.model,
                "--device", args.device, "--warmup", str(args.warmup),
                "--steps", str(args.steps), "--forwards", str(args.forwards),
-               "--threads", str(args.threads), "--profile", str(args.profile)]
+               "--threads", str(args.threads), "--profile", str(args.profile),
+               "--lora-dtype", args.lora_dtype] + (["--profile-shapes"] if args.profile_shapes else [])
     if args.wait_idle > 0:
         wait_until_idle(args.wait_idle)
     t0, busy0, own0 = time.perf_counter(), busy_cpu_seconds(), children_cpu_seconds()
@@ -696,6 +706,10 @@ def main() -> None:
                         help="torch.set_num_threads on CPU (default: the usable CPUs)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N most expensive ops of 3 extra steps per cell")
+    parser.add_argument("--profile-shapes", action="store_true",
+                        help="--profile: one row per op and input shapes")
+    parser.add_argument("--lora-dtype", choices=["bf16", "fp32", "fp16"], default=LORA_DTYPE,
+                        help="the adapters' dtype (lora_dtype), in every cell and --vs-core")
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="S",
                         help="before each cell, wait up to S seconds for the machine to be "
@@ -724,7 +738,7 @@ def main() -> None:
         started = time.perf_counter()
         rows = run_vs_core(args)
         print(f"\nmachine: {machine(args)}")
-        print(f"ComfyUI tiny {args.model}, weights stored {args.weight_dtype}, batch 1, rank {RANK}, AdamW, lora_dtype {LORA_DTYPE}; "
+        print(f"ComfyUI tiny {args.model}, weights stored {args.weight_dtype}, batch 1, rank {RANK}, AdamW, lora_dtype {args.lora_dtype}; "
               f"per-step time = (time of a {args.warmup + args.steps}-step run - time of a "
               f"{args.warmup}-step run) / {args.steps} after an untimed run of each node, "
               f"each node run in turn, {args.repeat} "
@@ -769,7 +783,7 @@ def main() -> None:
     cuda = args.device == "cuda"
     memory_header = "peak MiB (cuda max allocated, +growth)" if cuda else "peak MiB (RSS growth)"
     print(f"\nmachine: {machine(args)}")
-    print(f"batch 1, rank {RANK}, AdamW, lora_dtype {LORA_DTYPE}, {LATENTS} latents, grad "
+    print(f"batch 1, rank {RANK}, AdamW, lora_dtype {args.lora_dtype}, {LATENTS} latents, grad "
           f"accumulation 1; median of {args.steps} steps after {args.warmup} warm-up, "
           f"median of {args.forwards} forwards (half before, half after training); medians "
           f"over {args.repeat} runs per cell; total {time.perf_counter() - started:.0f} s\n")

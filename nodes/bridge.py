@@ -424,26 +424,29 @@ def _apply(module, kind: str, x: torch.Tensor, weight, bias) -> torch.Tensor:
 class FrozenLayer(torch.autograd.Function):
     """``y = op(x, W, b)`` of a frozen ComfyUI layer with the gradient of ``x`` only: ``W`` is
     fetched again in backward instead of being saved (a cast that would otherwise stay alive
-    until backward). ``compute``: the dtype the op computes in (autocast's, else ``x``'s),
-    which the weight is fetched in; the input gradient is computed in it too, as autograd
-    computes it for ``F.linear``/``conv`` under autocast."""
+    until backward, a second copy of the model over a whole forward). Inside a backward (a
+    checkpointed block's recomputation, whose backward follows at once) the fetched weight is
+    kept instead: one block's casts live at a time. ``compute``: the dtype the op computes in
+    (autocast's, else ``x``'s), which the weight is fetched in; the input gradient is
+    computed in it too, as autograd computes it for ``F.linear``/``conv`` under autocast."""
 
     @staticmethod
     def forward(ctx, x, module, kind, compute):
         weight, bias = _fetch(module, compute, x.device)
         out = _apply(module, kind, x, weight, bias)
-        if kind == "conv":
-            ctx.save_for_backward(x)
+        ctx.kept = torch._C._current_autograd_node() is not None and not weight.is_inference()
+        ctx.save_for_backward(x if kind == "conv" else None, weight if ctx.kept else None)
         ctx.module, ctx.kind, ctx.dtype, ctx.compute = module, kind, x.dtype, compute
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        weight, _ = _fetch(ctx.module, ctx.compute, grad.device)
+        x, weight = ctx.saved_tensors
+        if not ctx.kept:
+            weight, _ = _fetch(ctx.module, ctx.compute, grad.device)
         grad = grad.to(ctx.compute)
         if ctx.kind == "linear":
             return grad.matmul(weight).to(ctx.dtype), None, None, None
-        (x,) = ctx.saved_tensors
         m = ctx.module
         grad_x = torch.ops.aten.convolution_backward(
             grad, x.to(ctx.compute), weight, None, list(m.stride), list(m.padding),

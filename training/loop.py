@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -472,7 +473,8 @@ def _train(task, dataset: LatentSet, config, existing, existing_deltas, on_step,
             if config.validation_every > 0:
                 validate = (validation or Validation(task)).prepare(config, dataset)
             stack.enter_context(
-                ForwardPatches(run_patches(task, objective, dataset, run.batch_size, config)))
+                ForwardPatches(run_patches(task, objective, dataset, run.batch_size, config,
+                                           adapted)))
         params, optimizer, ema = run.params, run.optimizer, run.ema
         progress = stack.enter_context(tqdm(total=run.total, initial=run.done,
                                             desc="Train LoRA", unit="step", mininterval=1.0,
@@ -585,15 +587,19 @@ def parameter_groups(modules: Iterable[nn.Module], config) -> list[dict]:
 
 
 def run_patches(task: DiffusionTask, objective: Objective, dataset: LatentSet,
-                batch_size: int, config) -> list:
-    """The run's forward patches besides the adapters (installed once they are): guards for
+                batch_size: int, config, adapted: ForwardPatches) -> list:
+    """The run's forward patches besides the adapters (``adapted``, installed): guards for
     the blocks that the first batch shows writing into their inputs, then checkpointing."""
     blocks = checkpoint_blocks(task.network)
     mutating = find_mutating_blocks(
         blocks, lambda: first_batch(task, objective, dataset, batch_size))
     patches = inplace_patches(mutating)
     if config.gradient_checkpointing:
-        patches += [(block, checkpointed) for block in checkpointable(blocks, mutating)]
+        layers = {id(module) for module, _ in adapted.patches}
+        for block in checkpointable(blocks, mutating):
+            trainable = any(id(m) in layers or any(p.requires_grad for p in m.parameters(False))
+                            for m in block.modules())
+            patches.append((block, functools.partial(checkpointed, trainable=trainable)))
     return patches
 
 
