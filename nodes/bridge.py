@@ -12,6 +12,12 @@ same way:
   once per distinct conditioning, and each sample of a batch gets its own;
 - the network runs through ``BaseModel.apply_model``; its raw output (the native
   prediction) is read from ``diffusion_model.forward`` by a forward patch;
+- attention: where ComfyUI's global attention is one without a fused backward (its CPU
+  defaults sub-quadratic / split / basic, which build the score matrix, and kernels made for
+  inference), training forwards use ComfyUI's own ``attention_pytorch`` (PyTorch's
+  ``scaled_dot_product_attention``, fused forward and backward) through the
+  ``optimized_attention_override`` transformer option, unless the model carries an override
+  of its own (:func:`training_attention`);
 - the adapters' forward patches are installed as a ``PatcherInjection`` on the clone, so
   ComfyUI applies them when it loads the clone and removes them when it detaches it; the
   run always detaches the clone at the end.
@@ -26,6 +32,7 @@ from typing import Iterator
 
 import torch
 
+import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.ops
 import comfy.model_patcher
@@ -102,6 +109,7 @@ class ComfyTask:
         self.empty_conds = self._encode_empty(empty, latents) if empty is not None else None
         self.can_drop_captions = self.empty_conds is not None
         self._set_compute_dtype(training_dtype)
+        self.attention = training_attention()
 
     def _set_compute_dtype(self, training_dtype: str) -> None:
         """Compute in fp32 when fp32 training is asked of a half-precision model, and in bf16
@@ -181,6 +189,8 @@ class ComfyTask:
         kwargs = comfy.samplers.cond_cat(conds)
         options = dict(self.patcher.model_options.get("transformer_options", {}))
         options["sigmas"] = sigma
+        if self.attention is not None:
+            options.setdefault("optimized_attention_override", self.attention)
         self.base.apply_model(x_t, sigma, transformer_options=options, **kwargs)
         return self._outputs.pop()
 
@@ -479,6 +489,28 @@ def _frozen_forward(module, kind: str, x: torch.Tensor) -> torch.Tensor:
             bias = _alias(bias)
         return _apply(module, kind, x, weight, bias)
     return FrozenLayer.apply(x, module, kind, compute)
+
+
+# ComfyUI's attention functions that training replaces: those that materialise the score
+# matrix or chunk it in Python (autograd then saves and differentiates every piece) and those
+# made for inference only. PyTorch's, xformers' and flash-attn's have fused backwards.
+_REPLACED_ATTENTION = ("attention_basic", "attention_split", "attention_sub_quad",
+                       "attention_sage", "attention3_sage", "attention_comfy_kitchen_int8")
+
+
+def training_attention():
+    """The ``optimized_attention_override`` training forwards use, or None to keep ComfyUI's
+    global attention (already one with a fused backward)."""
+    attention = comfy.ldm.modules.attention
+    replaced = [getattr(attention, name, None) for name in _REPLACED_ATTENTION]
+    if not any(f is not None and f is attention.optimized_attention for f in replaced):
+        return None
+    fused = attention.attention_pytorch
+
+    def override(_, *args, **kwargs):
+        return fused(*args, **kwargs)
+
+    return override
 
 
 def release(patcher) -> None:
