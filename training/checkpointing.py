@@ -156,7 +156,8 @@ def checkpointed(forward: Callable, trainable: bool = True) -> Callable:
         if _nested_grad(leaves):
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         layout = _Layout(args, kwargs)
-        anchor = torch.empty(0, requires_grad=trainable)
+        device = next((v.device for v in leaves if isinstance(v, torch.Tensor)), None)
+        anchor = torch.empty(0, device=device, requires_grad=trainable)
         out = _Recompute.apply(forward, layout, anchor, *leaves)
         return pytree.tree_unflatten(list(out), layout.out_spec)
 

@@ -5,7 +5,6 @@ trained LoRA is the one ComfyUI's attention gives, the input model carries nothi
 and a model's own attention override is kept."""
 
 import pytest
-import torch
 
 from test_algorithms import sub
 from test_train_node import family_case, run_train
