@@ -19,20 +19,8 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-def timed(call, repeat: int) -> float:
-    for _ in range(2):
-        call()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -44,7 +32,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args()
 
-    from bench_step import setup_comfy
+    from bench_step import call_times, setup_comfy
 
     setup_comfy("cpu")
     import torch
@@ -69,9 +57,11 @@ def main() -> None:
             function = getattr(attention, name)
             with torch.no_grad():
                 diff = (function(q, k, v, args.heads) - reference).abs().max().item()
-                forward = timed(lambda: function(q, k, v, args.heads), args.repeat)
+                forward = statistics.median(
+                    call_times(lambda: function(q, k, v, args.heads), args.repeat))
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            both = timed(lambda: function(*leaves, args.heads).sum().backward(), args.repeat)
+            both = statistics.median(call_times(
+                lambda: function(*leaves, args.heads).sum().backward(), args.repeat))
             print(f"| {tokens} | {name} | {forward:.1f} | {both:.1f} | {diff:.1e} |", flush=True)
 
 

@@ -325,6 +325,20 @@ def run_outside_inference(f):
         return f()
 
 
+def call_times(call, count: int, sync=lambda: None, untimed: int = 2) -> list[float]:
+    """Milliseconds of ``count`` calls of ``call`` after ``untimed`` ones, ``sync`` (a
+    device synchronisation) before and after each."""
+    times = []
+    for i in range(untimed + count):
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        if i >= untimed:
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 # -- one cell ----------------------------------------------------------------------------
 def run_cell(args) -> dict:
     import torch
@@ -372,17 +386,9 @@ def run_cell(args) -> dict:
                 api["sampler_predict"]
         else:
             grad_mode, session, predict = torch.no_grad(), task.session(patches), task.predict
-        times = []
         with grad_mode, session, torch.autocast(
                 task.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            for i in range(2 + count):
-                sync()
-                start = time.perf_counter()
-                predict(x_t, sigma, samples)
-                sync()
-                if i >= 2:
-                    times.append((time.perf_counter() - start) * 1e3)
-        return times
+            return call_times(lambda: predict(x_t, sigma, samples), count, sync)
 
     # Forwards in two blocks, before and after training, so that a slow or fast phase of the
     # machine affects both sides of the ratio alike.
@@ -542,17 +548,10 @@ def run_vs_core(args) -> list[dict]:
         sigma = torch.tensor([5.0])
         kwargs = comfy.samplers.cond_cat([task.sample_conds[0]])
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-        times = []
         with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16,
                                                     enabled=dtype == "bf16"):
-            for i in range(2 + count):
-                sync()
-                start = time.perf_counter()
-                patcher.model.apply_model(x, sigma, **kwargs)
-                sync()
-                if i >= 2:
-                    times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+            return statistics.median(call_times(
+                lambda: patcher.model.apply_model(x, sigma, **kwargs), count, sync))
 
     short, long = args.warmup, args.warmup + args.steps
     rows, peaks = [], {}

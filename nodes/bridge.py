@@ -42,6 +42,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 
 from ..lora.inject import ForwardPatches
+from ..training.autocast import autocast_dtype
 
 INJECTION_KEY = "lora_lab_training"
 
@@ -414,17 +415,6 @@ def _fetch(module, dtype, device):
     return weight, bias
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast computes matmuls and convolutions in on ``device``, None if off."""
-    kind = device.type
-    try:
-        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-    except (AttributeError, TypeError):  # torch < 2.4
-        if kind == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-
-
 def _apply(module, kind: str, x: torch.Tensor, weight, bias) -> torch.Tensor:
     if kind == "linear":
         return torch.nn.functional.linear(x, weight, bias)
@@ -475,7 +465,7 @@ def _frozen_forward(module, kind: str, x: torch.Tensor) -> torch.Tensor:
     (ComfyUI casts it to the input's dtype first and autocast casts that again: the same
     values, since every stored dtype widens to float32 exactly).
     """
-    compute = _autocast_dtype(x.device) or x.dtype
+    compute = autocast_dtype(x.device.type) or x.dtype
     if not (torch.is_grad_enabled() and x.requires_grad):
         weight, bias = _fetch(module, compute, x.device)
         return _apply(module, kind, x, weight, bias)

@@ -143,3 +143,26 @@ def test_without_gradients_the_block_just_runs():
     with torch.no_grad():
         out = checkpointed(block.forward)(torch.randn(2, 4))
     assert block.calls == 1 and not out.requires_grad
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the 2.3 functions, on new torch
+@pytest.mark.parametrize("old_torch", [False, True])
+def test_autocast_state_is_read_and_reentered(old_torch, monkeypatch):
+    from lora_lab.training import autocast
+
+    if old_torch:  # torch 2.3: no per-device get_autocast_dtype, as the module sees torch
+        class Torch23:
+            def __getattr__(self, name):
+                if name == "get_autocast_dtype":
+                    raise AttributeError(name)
+                return getattr(torch, name)
+
+        monkeypatch.setattr(autocast, "torch", Torch23())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = autocast.autocast_state()
+        with autocast.autocast_as({"cpu": None}):
+            assert autocast.autocast_dtype("cpu") is None
+    assert state["cpu"] == torch.bfloat16 and autocast.autocast_dtype("cpu") is None
+    with autocast.autocast_as(state):
+        assert autocast.autocast_dtype("cpu") == torch.bfloat16
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16

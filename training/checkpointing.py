@@ -27,6 +27,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
+from .autocast import autocast_as, autocast_state
+
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
@@ -44,11 +46,6 @@ def checkpoint_blocks(network: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
-    return [(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-            for device in ("cpu", "cuda")]
-
-
 class _Recompute(torch.autograd.Function):
     """``apply(run, layout, anchor, *leaves)``: ``leaves`` are the block's arguments
     (``layout`` rebuilds ``(args, kwargs)`` and receives the output's structure),
@@ -57,17 +54,18 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run, layout, anchor, *leaves):
-        ctx.run, ctx.layout, ctx.autocast = run, layout, _autocast_state()
+        ctx.run, ctx.layout, ctx.autocast = run, layout, autocast_state()
         ctx.cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in leaves)
         ctx.rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state() if ctx.cuda else None
         # normal tensors go through save_for_backward (an in-place change before backward is
         # an error there); inference tensors (ComfyUI's conditioning) cannot, and are kept
-        saved = [i for i, v in enumerate(leaves)
-                 if isinstance(v, torch.Tensor) and not v.is_inference()]
-        ctx.save_for_backward(*(leaves[i] for i in saved))
-        ctx.saved_at = saved
-        ctx.kept = [None if i in saved else v for i, v in enumerate(leaves)]
+        ctx.saved_at = [i for i, v in enumerate(leaves)
+                        if isinstance(v, torch.Tensor) and not v.is_inference()]
+        ctx.save_for_backward(*(leaves[i] for i in ctx.saved_at))
+        ctx.others = list(leaves)  # the rest as they are; saved tensors are read back
+        for i in ctx.saved_at:
+            ctx.others[i] = None
         args, kwargs = layout.arguments(leaves)
         out = layout.output(run(*args, **kwargs))
         ctx.mark_non_differentiable(*(v for v in out if isinstance(v, torch.Tensor)
@@ -76,7 +74,7 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        leaves = list(ctx.kept)
+        leaves = list(ctx.others)
         for i, tensor in zip(ctx.saved_at, ctx.saved_tensors):
             leaves[i] = tensor.detach().requires_grad_(tensor.requires_grad)
         rng = torch.get_rng_state()
@@ -85,7 +83,7 @@ class _Recompute(torch.autograd.Function):
         if ctx.cuda:
             torch.cuda.set_rng_state(ctx.cuda_rng)
         try:
-            with torch.enable_grad(), _autocast(ctx.autocast):
+            with torch.enable_grad(), autocast_as(ctx.autocast):
                 args, kwargs = ctx.layout.arguments(leaves)
                 out = pytree.tree_leaves(ctx.run(*args, **kwargs))
         finally:
@@ -123,23 +121,6 @@ def _nested_grad(values: Iterable) -> bool:
     return any(isinstance(leaf, torch.Tensor) and leaf.requires_grad
                for value in values if not isinstance(value, torch.Tensor)
                for leaf in pytree.tree_leaves(value))
-
-
-class _autocast:
-    """Re-enter the autocast state ``state`` (from :func:`_autocast_state`)."""
-
-    def __init__(self, state):
-        self.contexts = [torch.autocast(device, dtype=dtype, enabled=enabled)
-                         for device, enabled, dtype in state
-                         if enabled or torch.is_autocast_enabled(device)]
-
-    def __enter__(self):
-        for context in self.contexts:
-            context.__enter__()
-
-    def __exit__(self, *exc):
-        for context in reversed(self.contexts):
-            context.__exit__(*exc)
 
 
 def checkpointed(forward: Callable, trainable: bool = True) -> Callable:
