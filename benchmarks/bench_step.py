@@ -75,7 +75,8 @@ Backends:
 1, rank 8, AdamW, lr 1e-4, lora_dtype bf16, LoRA), called as the executor calls them, in
 one process. Per-step time is the marginal time of ``--steps`` more steps: (time of a
 ``warmup + steps``-step run - time of a ``warmup``-step run) / ``steps``, which removes
-each node's fixed setup (after one untimed run of each node per cell); in every round the four runs alternate between the nodes
+each node's fixed setup (after one untimed run of each node per cell; each cell in a process
+of its own); in every round the four runs alternate between the nodes
 (A B A B, then B A B A in the next round) so a slow phase of the machine hits both. The
 table gives the medians over ``--repeat`` rounds of each node's ms/step and of the per-round
 ratio, the sampler forward of the model (``apply_model`` under inference mode on a loaded
@@ -106,6 +107,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -216,6 +218,15 @@ def setup_comfy(device: str):
     spec.loader.exec_module(pack)
 
 
+def comfy_model(name: str, latent_size: int = 0) -> tuple:
+    """``comfy_models()[name]``, with the latent's height and width set to ``latent_size``
+    when it is not 0 (``--latent-size``)."""
+    build, cond, shape = comfy_models()[name]
+    if latent_size:
+        shape = shape[:-2] + (latent_size, latent_size)
+    return build, cond, shape
+
+
 def comfy_models() -> dict:
     """``--model`` name -> (builder(seed) -> ModelPatcher, conditioning(seed), latent shape).
 
@@ -264,7 +275,7 @@ def comfy_models() -> dict:
     }
 
 
-def build_comfy(device: str, model: str, training_dtype: str):
+def build_comfy(device: str, model: str, training_dtype: str, latent_size: int = 0):
     import importlib
 
     import torch
@@ -276,7 +287,7 @@ def build_comfy(device: str, model: str, training_dtype: str):
     config = importlib.import_module(f"{PACKAGE}.training.config")
     inject = importlib.import_module(f"{PACKAGE}.lora.inject")
 
-    build, cond, shape = comfy_models()[model]
+    build, cond, shape = comfy_model(model, latent_size)
     with torch.inference_mode():  # as ComfyUI loads models and runs nodes
         patcher = build(seed=0)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -348,7 +359,8 @@ def run_cell(args) -> dict:
     if args.backend == "torch":
         model, params, task, latents, api, wrap = build_torch(args.device)
     else:
-        model, params, task, latents, api, wrap = build_comfy(args.device, args.model, args.dtype)
+        model, params, task, latents, api, wrap = build_comfy(args.device, args.model, args.dtype,
+                                                              args.latent_size)
     dtype, ckpt = args.dtype, args.checkpointing == "on"
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -367,9 +379,9 @@ def run_cell(args) -> dict:
     def train():
         return api["train"](task, latents, config, on_step=on_step)
 
-    def forwards(adapters, count: int, sampler: bool = False) -> list[float]:
-        """``count`` timed no-grad forwards (after 2 untimed) of one batch-1 sample, drawn as
-        the training loop draws it.
+    def forwards(adapters, count: int, sampler: bool = False, untimed: int = 2) -> list[float]:
+        """``count`` timed no-grad forwards (after ``untimed`` ones) of one batch-1 sample,
+        drawn as the training loop draws it.
 
         ``sampler``: through a plain clone under ``torch.inference_mode`` instead (what a
         sampler's forward costs: no weight wrappers, no patches, no autograd bookkeeping)."""
@@ -388,7 +400,7 @@ def run_cell(args) -> dict:
             grad_mode, session, predict = torch.no_grad(), task.session(patches), task.predict
         with grad_mode, session, torch.autocast(
                 task.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            return call_times(lambda: predict(x_t, sigma, samples), count, sync)
+            return call_times(lambda: predict(x_t, sigma, samples), count, sync, untimed)
 
     # Forwards in two blocks, before and after training, so that a slow or fast phase of the
     # machine affects both sides of the ratio alike.
@@ -441,13 +453,46 @@ def run_cell(args) -> dict:
               f"(3 steps)\n{table}", file=sys.stderr)
 
     expected = wrap(lambda: expected_memory(task, latents, config, result.adapters, api))
+    flops = wrap(lambda: step_flops(
+        lambda: forwards({}, 1, untimed=0),
+        lambda steps: api["train"](task, latents, dataclasses.replace(config, steps=steps))))
     step, fwd, plain = (statistics.median(t) for t in (step_ms, base_ms, sampler_ms))
     return dict(model=model, params=params, dtype=dtype, checkpointing=args.checkpointing,
                 step_ms=step, forward_ms=fwd, lora_forward_ms=statistics.median(lora_ms),
                 ratio=step / fwd, sampler_forward_ms=plain, sampler_ratio=step / plain,
-                memory=memory, expected_mib=expected, step_times_ms=step_ms, sampler_forward_times_ms=sampler_ms,
+                memory=memory, expected_mib=expected, flops=flops, step_times_ms=step_ms, sampler_forward_times_ms=sampler_ms,
                 forward_times_ms=base_ms, lora_forward_times_ms=lora_ms,
                 losses=result.losses)
+
+
+def step_flops(forward, train) -> dict:
+    """The matrix work (products, convolutions and attention, as torch's ``FlopCounterMode``
+    counts them) of one no-grad forward and of one optimizer step on the same sample (a
+    2-step run's minus a 1-step run's, which removes a run's own evaluations). Their ratio is
+    what a step would cost in forwards if every product ran as fast as the forward's: a
+    step's floor, set by the model's sizes and the adapters' rank. ``train(steps)`` runs."""
+    import torch
+    from torch.utils import flop_counter
+
+    def attention(query, key, value, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    # CPU's fused attention kernels, not in torch's table: the same work as the CUDA ones
+    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: attention,
+                     aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                         attention_backward}
+    totals = []
+    for call in (forward, lambda: train(1), lambda: train(2)):
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention) as mode:
+            call()
+        totals.append(mode.get_total_flops())
+    step = totals[2] - totals[1]
+    return dict(forward_gflop=totals[0] / 1e9, step_gflop=step / 1e9,
+                ratio=step / max(totals[0], 1))
 
 
 def expected_memory(task, latents, config, adapters, api) -> dict:
@@ -482,8 +527,9 @@ def expected_memory(task, latents, config, adapters, api) -> dict:
 # -- against core's TrainLoraNode, in one process -------------------------------------------
 def run_vs_core(args) -> list[dict]:
     """LoRA Lab's Train LoRA node and ComfyUI core's TrainLoraNode on the same model, data and
-    settings, interleaved in one process (see ``--vs-core`` in the module docstring)."""
-    import importlib
+    settings, interleaved in one process (see ``--vs-core`` in the module docstring): the
+    cells ``args.dtypes`` x ``args.checkpointing``, one row each."""
+    import tempfile
 
     import torch
 
@@ -491,18 +537,10 @@ def run_vs_core(args) -> list[dict]:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import comfy.model_management
-    import comfy.samplers
-    from bench_quality import node_values, run_node
-    from comfy_extras.nodes_train import TrainLoraNode
-
-    TrainLoRA = importlib.import_module(f"{PACKAGE}.nodes.train").TrainLoRA
-    bridge = importlib.import_module(f"{PACKAGE}.nodes.bridge")
-    build, cond, shape = comfy_models()[args.model]
-    import tempfile
-
     import comfy.sd
     from safetensors.torch import save_file
+
+    build, cond, shape = comfy_model(args.model, args.latent_size)
 
     folder = tempfile.mkdtemp(prefix="lora_lab_vs_core_")
     path = os.path.join(folder, f"{args.model}.safetensors")
@@ -512,10 +550,30 @@ def run_vs_core(args) -> list[dict]:
                   path)
         del built
         # loaded from a file as Load Diffusion Model does (core's trainer on ComfyUI 0.33
-        # rebuilds the model from the loader's recorded factory)
+        # rebuilds the model from the loader's recorded factory, which reads the file again)
         options = {} if args.weight_dtype == "fp32" else {
             "dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}[args.weight_dtype]}
         model = comfy.sd.load_diffusion_model(path, model_options=options)
+    try:
+        return vs_core_rows(args, model, shape, cond)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def vs_core_rows(args, model, shape, cond) -> list[dict]:
+    """``run_vs_core``'s cells on the loaded ``model``."""
+    import gc
+    import importlib
+
+    import torch
+    import comfy.model_management
+    import comfy.samplers
+    from bench_quality import node_values, run_node
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    TrainLoRA = importlib.import_module(f"{PACKAGE}.nodes.train").TrainLoRA
+    bridge = importlib.import_module(f"{PACKAGE}.nodes.bridge")
+    with torch.inference_mode():
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         positive = cond(seed=3)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -528,6 +586,7 @@ def run_vs_core(args) -> list[dict]:
             lora_dtype=args.lora_dtype, algorithm="LoRA", gradient_checkpointing=ckpt == "on",
             existing_lora="[None]"))
         cuda = args.device == "cuda"
+        gc.collect()  # the last run's models and LoRAs, before this one allocates its own
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -619,24 +678,43 @@ def wait_until_idle(limit_s: float, threshold: float = 0.2, window_s: float = 3.
             return load
 
 
+def cell_command(args, *flags: str) -> list[str]:
+    """This script run as a subprocess with ``args``' settings and ``flags``."""
+    return [sys.executable, os.path.abspath(__file__), "--cell", *flags,
+            "--backend", args.backend, "--model", args.model, "--device", args.device,
+            "--warmup", str(args.warmup), "--steps", str(args.steps),
+            "--forwards", str(args.forwards), "--threads", str(args.threads),
+            "--lora-dtype", args.lora_dtype, "--latent-size", str(args.latent_size)]
+
+
+def result_line(proc, what: str) -> dict:
+    """The ``RESULT`` json a subprocess printed last; exits with its output if there is none."""
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"{what} failed (exit {proc.returncode}):\n" + proc.stdout[-4000:])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_vs_core_process(args, dtype: str, ckpt: str) -> dict:
+    """One ``--vs-core`` cell in its own process (a full-size model and the models core's
+    trainer builds would pile up over the cells in one), as its row."""
+    command = cell_command(args, "--vs-core", "--dtypes", dtype, "--checkpointing", ckpt,
+                           "--repeat", str(args.repeat), "--weight-dtype", args.weight_dtype)
+    proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    return result_line(proc, f"--vs-core cell {dtype}/checkpointing {ckpt}")
+
+
 def run_cell_process(args, dtype: str, ckpt: str) -> dict:
     """Run one cell in a subprocess; its result, with the other processes' CPU load."""
-    command = [sys.executable, os.path.abspath(__file__), "--cell", "--dtype", dtype,
-               "--checkpointing", ckpt, "--backend", args.backend, "--model", args.model,
-               "--device", args.device, "--warmup", str(args.warmup),
-               "--steps", str(args.steps), "--forwards", str(args.forwards),
-               "--threads", str(args.threads), "--profile", str(args.profile),
-               "--lora-dtype", args.lora_dtype] + (["--profile-shapes"] if args.profile_shapes else [])
+    command = cell_command(args, "--dtype", dtype, "--checkpointing", ckpt,
+                           "--profile", str(args.profile)) + (
+        ["--profile-shapes"] if args.profile_shapes else [])
     if args.wait_idle > 0:
         wait_until_idle(args.wait_idle)
     t0, busy0, own0 = time.perf_counter(), busy_cpu_seconds(), children_cpu_seconds()
     proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
     wall, busy1 = time.perf_counter() - t0, busy_cpu_seconds()
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"cell {dtype}/checkpointing {ckpt} failed (exit {proc.returncode}):\n"
-                 + proc.stdout[-4000:])
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = result_line(proc, f"cell {dtype}/checkpointing {ckpt}")
     # CPUs kept busy by other processes while the cell ran: timings are only comparable
     # when this is ~0 (a shared or busy machine slows every number down).
     result["other_load_cpus"] = (
@@ -709,6 +787,9 @@ def main() -> None:
                         help="--profile: one row per op and input shapes")
     parser.add_argument("--lora-dtype", choices=["bf16", "fp32", "fp16"], default=LORA_DTYPE,
                         help="the adapters' dtype (lora_dtype), in every cell and --vs-core")
+    parser.add_argument("--latent-size", type=int, default=0, metavar="N",
+                        help="comfy backend: latents of N x N instead of the model's default "
+                             "(e.g. 32 for dit_1b on a CPU: 256 tokens instead of 1024)")
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="S",
                         help="before each cell, wait up to S seconds for the machine to be "
@@ -731,13 +812,26 @@ def main() -> None:
         parser.error("--steps, --forwards and --repeat must be at least 1")
 
     if args.cell:  # one cell, in a subprocess: print its result as the last line
-        print("RESULT " + json.dumps(run_cell(args)), flush=True)
+        result = run_vs_core(args)[0] if args.vs_core else run_cell(args)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     if args.vs_core:
         started = time.perf_counter()
-        rows = run_vs_core(args)
+        rows = []
+        for dtype in args.dtypes.split(","):
+            for ckpt in args.checkpointing.split(","):
+                rows.append(run_vs_core_process(args, dtype, ckpt))
+                r = rows[-1]
+                print(f"[{dtype}, checkpointing {ckpt}] Train LoRA {r['lab_step_ms']:.1f} ms/step,"
+                      f" core {r['core_step_ms']:.1f}, ratio {r['ratio']:.2f}, sampler forward "
+                      f"{r['sampler_forward_ms']:.1f} ms", flush=True)
+                if args.json:  # after every cell: a later cell that fails loses only itself
+                    with open(args.json, "w") as f:
+                        json.dump(dict(machine=machine(args), args=vars(args), rows=rows), f,
+                                  indent=1)
         print(f"\nmachine: {machine(args)}")
-        print(f"ComfyUI tiny {args.model}, weights stored {args.weight_dtype}, batch 1, rank {RANK}, AdamW, lora_dtype {args.lora_dtype}; "
+        latent = f", latents {args.latent_size}x{args.latent_size}" if args.latent_size else ""
+        print(f"ComfyUI {args.model}{latent}, weights stored {args.weight_dtype}, batch 1, rank {RANK}, AdamW, lora_dtype {args.lora_dtype}; "
               f"per-step time = (time of a {args.warmup + args.steps}-step run - time of a "
               f"{args.warmup}-step run) / {args.steps} after an untimed run of each node, "
               f"each node run in turn, {args.repeat} "
@@ -753,9 +847,6 @@ def main() -> None:
                   f"| {r['sampler_forward_ms']:.1f} | {r['step_per_sampler_forward']:.2f} "
                   f"| {r['lora_sampler_forward_ms']:.1f} "
                   f"| {r['lab_peak_mib']:.0f} / {r['core_peak_mib']:.0f} |")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(machine=machine(args), args=vars(args), rows=rows), f, indent=1)
         return
 
     import torch
@@ -782,14 +873,15 @@ def main() -> None:
     cuda = args.device == "cuda"
     memory_header = "peak MiB (cuda max allocated, +growth)" if cuda else "peak MiB (RSS growth)"
     print(f"\nmachine: {machine(args)}")
-    print(f"batch 1, rank {RANK}, AdamW, lora_dtype {args.lora_dtype}, {LATENTS} latents, grad "
+    size = f" of {args.latent_size}x{args.latent_size}" if args.latent_size else ""
+    print(f"batch 1, rank {RANK}, AdamW, lora_dtype {args.lora_dtype}, {LATENTS} latents{size}, grad "
           f"accumulation 1; median of {args.steps} steps after {args.warmup} warm-up, "
           f"median of {args.forwards} forwards (half before, half after training); medians "
           f"over {args.repeat} runs per cell; total {time.perf_counter() - started:.0f} s\n")
     print(f"| model | params | dtype | checkpointing | step ms (median) | forward ms | "
-          f"fwd+LoRA ms | step/forward | sampler fwd ms | step/sampler fwd | {memory_header} "
-          f"| expected MiB (saved + adapter state) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"fwd+LoRA ms | step/forward | step FLOPs/forward FLOPs | sampler fwd ms | "
+          f"step/sampler fwd | {memory_header} | expected MiB (saved + adapter state) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         m = r["memory"]
         memory = (f"{m['peak_mib']:.0f} (+{m['growth_mib']:.0f})" if cuda
@@ -797,9 +889,10 @@ def main() -> None:
         e = r.get("expected_mib") or {}
         expected = (f"{e['saved_mib'] + e['adapter_state_mib']:.0f} ({e['saved_mib']:.0f} + "
                     f"{e['adapter_state_mib']:.1f})" if e else "")
+        flops = f"{r['flops']['ratio']:.2f}" if r.get("flops") else ""
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['dtype']} | {r['checkpointing']} "
               f"| {r['step_ms']:.1f} | {r['forward_ms']:.1f} | {r['lora_forward_ms']:.1f} "
-              f"| {r['ratio']:.2f} | {r['sampler_forward_ms']:.1f} | {r['sampler_ratio']:.2f} "
+              f"| {r['ratio']:.2f} | {flops} | {r['sampler_forward_ms']:.1f} | {r['sampler_ratio']:.2f} "
               f"| {memory} | {expected} |")
     loads = [r["other_load_cpus"] for r in results]
     if loads:
