@@ -525,10 +525,10 @@ def expected_memory(task, latents, config, adapters, api) -> dict:
 
 
 # -- against core's TrainLoraNode, in one process -------------------------------------------
-def run_vs_core(args) -> list[dict]:
+def run_vs_core(args) -> dict:
     """LoRA Lab's Train LoRA node and ComfyUI core's TrainLoraNode on the same model, data and
     settings, interleaved in one process (see ``--vs-core`` in the module docstring): the
-    cells ``args.dtypes`` x ``args.checkpointing``, one row each."""
+    row of the cell ``args.dtype``, ``args.checkpointing``."""
     import tempfile
 
     import torch
@@ -555,13 +555,13 @@ def run_vs_core(args) -> list[dict]:
             "dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}[args.weight_dtype]}
         model = comfy.sd.load_diffusion_model(path, model_options=options)
     try:
-        return vs_core_rows(args, model, shape, cond)
+        return vs_core_row(args, model, shape, cond)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def vs_core_rows(args, model, shape, cond) -> list[dict]:
-    """``run_vs_core``'s cells on the loaded ``model``."""
+def vs_core_row(args, model, shape, cond) -> dict:
+    """``run_vs_core``'s cell on the loaded ``model``."""
     import gc
     import importlib
 
@@ -613,39 +613,34 @@ def vs_core_rows(args, model, shape, cond) -> list[dict]:
                 lambda: patcher.model.apply_model(x, sigma, **kwargs), count, sync))
 
     short, long = args.warmup, args.warmup + args.steps
-    rows, peaks = [], {}
-    for dtype in args.dtypes.split(","):
-        for ckpt in args.checkpointing.split(","):
-            lab, core, ratios, trained = [], [], [], None
-            peaks.clear()
-            for node in (TrainLoRA, TrainLoraNode):  # untimed: one-time costs of each node
-                timed(node, dtype, ckpt, short)
-            for r in range(args.repeat):
-                order = [TrainLoRA, TrainLoraNode] if r % 2 == 0 else [TrainLoraNode, TrainLoRA]
-                seconds = {}
-                for steps in (short, long):
-                    for node in order:
-                        elapsed, outputs = timed(node, dtype, ckpt, steps)
-                        seconds[node, steps] = elapsed
-                        if node is TrainLoRA:
-                            trained = outputs[0]
-                per_step = {node: (seconds[node, long] - seconds[node, short]) / args.steps * 1e3
-                            for node in order}
-                lab.append(per_step[TrainLoRA])
-                core.append(per_step[TrainLoraNode])
-                ratios.append(per_step[TrainLoRA] / per_step[TrainLoraNode])
-            base_fwd = sampler_ms(model, dtype, args.forwards)
-            lora_fwd = sampler_ms(trained, dtype, args.forwards)
-            step = statistics.median(lab)
-            rows.append(dict(model=args.model, weights=args.weight_dtype, dtype=dtype,
-                             checkpointing=ckpt,
-                             lab_step_ms=step, core_step_ms=statistics.median(core),
-                             ratio=statistics.median(ratios), ratios=ratios,
-                             sampler_forward_ms=base_fwd, step_per_sampler_forward=step / base_fwd,
-                             lora_sampler_forward_ms=lora_fwd, lab_ms=lab, core_ms=core,
-                             lab_peak_mib=max(peaks.get(TrainLoRA, [0])),
-                             core_peak_mib=max(peaks.get(TrainLoraNode, [0]))))
-    return rows
+    dtype, ckpt = args.dtype, args.checkpointing
+    lab, core, ratios, trained, peaks = [], [], [], None, {}
+    for node in (TrainLoRA, TrainLoraNode):  # untimed: one-time costs of each node
+        timed(node, dtype, ckpt, short)
+    for r in range(args.repeat):
+        order = [TrainLoRA, TrainLoraNode] if r % 2 == 0 else [TrainLoraNode, TrainLoRA]
+        seconds = {}
+        for steps in (short, long):
+            for node in order:
+                elapsed, outputs = timed(node, dtype, ckpt, steps)
+                seconds[node, steps] = elapsed
+                if node is TrainLoRA:
+                    trained = outputs[0]
+        per_step = {node: (seconds[node, long] - seconds[node, short]) / args.steps * 1e3
+                    for node in order}
+        lab.append(per_step[TrainLoRA])
+        core.append(per_step[TrainLoraNode])
+        ratios.append(per_step[TrainLoRA] / per_step[TrainLoraNode])
+    base_fwd = sampler_ms(model, dtype, args.forwards)
+    lora_fwd = sampler_ms(trained, dtype, args.forwards)
+    step = statistics.median(lab)
+    return dict(model=args.model, weights=args.weight_dtype, dtype=dtype, checkpointing=ckpt,
+                lab_step_ms=step, core_step_ms=statistics.median(core),
+                ratio=statistics.median(ratios), ratios=ratios,
+                sampler_forward_ms=base_fwd, step_per_sampler_forward=step / base_fwd,
+                lora_sampler_forward_ms=lora_fwd, lab_ms=lab, core_ms=core,
+                lab_peak_mib=max(peaks.get(TrainLoRA, [0])),
+                core_peak_mib=max(peaks.get(TrainLoraNode, [0])))
 
 
 # -- driver ------------------------------------------------------------------------------
@@ -687,8 +682,9 @@ def cell_command(args, *flags: str) -> list[str]:
             "--lora-dtype", args.lora_dtype, "--latent-size", str(args.latent_size)]
 
 
-def result_line(proc, what: str) -> dict:
-    """The ``RESULT`` json a subprocess printed last; exits with its output if there is none."""
+def run_result(command: list[str], what: str) -> dict:
+    """Run ``command``; the ``RESULT`` json it printed last (exits with its output if none)."""
+    proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"{what} failed (exit {proc.returncode}):\n" + proc.stdout[-4000:])
@@ -698,10 +694,9 @@ def result_line(proc, what: str) -> dict:
 def run_vs_core_process(args, dtype: str, ckpt: str) -> dict:
     """One ``--vs-core`` cell in its own process (a full-size model and the models core's
     trainer builds would pile up over the cells in one), as its row."""
-    command = cell_command(args, "--vs-core", "--dtypes", dtype, "--checkpointing", ckpt,
+    command = cell_command(args, "--vs-core", "--dtype", dtype, "--checkpointing", ckpt,
                            "--repeat", str(args.repeat), "--weight-dtype", args.weight_dtype)
-    proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    return result_line(proc, f"--vs-core cell {dtype}/checkpointing {ckpt}")
+    return run_result(command, f"--vs-core cell {dtype}/checkpointing {ckpt}")
 
 
 def run_cell_process(args, dtype: str, ckpt: str) -> dict:
@@ -712,9 +707,8 @@ def run_cell_process(args, dtype: str, ckpt: str) -> dict:
     if args.wait_idle > 0:
         wait_until_idle(args.wait_idle)
     t0, busy0, own0 = time.perf_counter(), busy_cpu_seconds(), children_cpu_seconds()
-    proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    result = run_result(command, f"cell {dtype}/checkpointing {ckpt}")
     wall, busy1 = time.perf_counter() - t0, busy_cpu_seconds()
-    result = result_line(proc, f"cell {dtype}/checkpointing {ckpt}")
     # CPUs kept busy by other processes while the cell ran: timings are only comparable
     # when this is ~0 (a shared or busy machine slows every number down).
     result["other_load_cpus"] = (
@@ -812,7 +806,7 @@ def main() -> None:
         parser.error("--steps, --forwards and --repeat must be at least 1")
 
     if args.cell:  # one cell, in a subprocess: print its result as the last line
-        result = run_vs_core(args)[0] if args.vs_core else run_cell(args)
+        result = run_vs_core(args) if args.vs_core else run_cell(args)
         print("RESULT " + json.dumps(result), flush=True)
         return
     if args.vs_core:
